@@ -1,0 +1,228 @@
+"""Training configuration: one dataclass, validated in one place, with per-dataset defaults.
+
+Keys split in two groups. *Cluster keys* define the computation and must be equal on every node (their
+hash is compared at the handshake, and the simulator and the agents are equivalent only when they
+agree). *Node keys* (output folder, device, logging) may differ per node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.core.algorithms import ALGORITHMS
+
+DATASETS = ("ring8", "grid25", "digits", "mnist", "cifar10", "folder")
+SPLITS = ("iid", "shards", "label_skew")
+LOSSES = ("nonsaturating", "wgan_gp", "hinge")
+MODEL_FAMILIES = ("mlp", "dcgan")
+WEIGHTINGS = ("metropolis", "uniform")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or has a bad value; the message names the key."""
+
+
+def _cluster(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"cluster": True, "help": help})
+
+
+def _node(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"cluster": False, "help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what is learned
+    dataset: str = _cluster("ring8", f"data set: {', '.join(DATASETS)}")
+    image_size: int | None = _cluster(None, "image side for 'folder' (default 32) or to resize digits")
+    split: str = _cluster("iid", f"how data is divided between nodes: {', '.join(SPLITS)}")
+    classes_per_node: int = _cluster(2, "classes (or mixture modes) per node with split=label_skew")
+    model: str | None = _cluster(
+        None, "model family: mlp or dcgan (default: mlp for points, dcgan for images)"
+    )
+    width: int | None = _cluster(None, "model width (hidden units or base channels); default per dataset")
+    latent_dim: int | None = _cluster(None, "generator input dimension; default per dataset")
+    loss: str = _cluster("nonsaturating", f"GAN loss: {', '.join(LOSSES)}")
+    gp_weight: float = _cluster(10.0, "gradient-penalty weight for loss=wgan_gp")
+    # how it is learned
+    algorithm: str = _cluster("dposg", f"update rule: {', '.join(ALGORITHMS)}")
+    lr: float | None = _cluster(None, "step size η; default per dataset and algorithm")
+    beta1: float = _cluster(0.5, "dpoadam first-moment decay")
+    beta2: float = _cluster(0.9, "dpoadam second-moment decay")
+    eps: float = _cluster(1e-8, "dpoadam denominator guard")
+    batch_size: int | None = _cluster(None, "minibatch per node per iteration; default per dataset")
+    iterations: int | None = _cluster(None, "training iterations; default per dataset")
+    seed: int = _cluster(0, "shared seed: x0 and every node's data stream derive from it")
+    # who talks to whom
+    nodes: int = _cluster(4, "number of nodes (simulator and --local clusters)")
+    topology: str = _cluster(
+        "ring", "ring, torus, complete, exponential, one_peer_exponential, random_regular"
+    )
+    degree: int | None = _cluster(None, "degree for topology=random_regular")
+    weights: str = _cluster("metropolis", f"mixing weights: {', '.join(WEIGHTINGS)}")
+    rounds: int = _cluster(1, "gossip rounds t per iteration")
+    wire_dtype: str = _cluster("float32", f"dtype on the wire: {', '.join(WIRE_DTYPES)}")
+    # per node
+    data_path: str | None = _node(None, "folder holding mnist/cifar10/folder data")
+    eval_every: int | None = _node(None, "evaluate every this many iterations; default per dataset")
+    eval_samples: int = _node(2500, "samples drawn per evaluation (2500 for the 2-D benchmarks)")
+    device: str = _node("auto", f"training device: {', '.join(DEVICES)}")
+    threads: int = _node(1, "torch CPU threads per node")
+
+    def cluster_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["cluster"]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.cluster_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Defaults per dataset, filled in for keys left at None. Tuned on CPU; see docs/quality.md.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ring8": {
+        "model": "mlp",
+        "width": 128,
+        "latent_dim": 2,
+        "batch_size": 128,
+        "iterations": 3000,
+        "eval_every": 500,
+    },
+    "grid25": {
+        "model": "mlp",
+        "width": 256,
+        "latent_dim": 2,
+        "batch_size": 256,
+        "iterations": 6000,
+        "eval_every": 1000,
+    },
+    "digits": {
+        "model": "dcgan",
+        "width": 32,
+        "latent_dim": 32,
+        "batch_size": 64,
+        "iterations": 3000,
+        "eval_every": 500,
+    },
+    "mnist": {
+        "model": "dcgan",
+        "width": 32,
+        "latent_dim": 64,
+        "batch_size": 64,
+        "iterations": 5000,
+        "eval_every": 1000,
+    },
+    "cifar10": {
+        "model": "dcgan",
+        "width": 64,
+        "latent_dim": 128,
+        "batch_size": 64,
+        "iterations": 10000,
+        "eval_every": 2000,
+    },
+    "folder": {
+        "model": "dcgan",
+        "width": 64,
+        "latent_dim": 128,
+        "batch_size": 64,
+        "iterations": 10000,
+        "eval_every": 2000,
+    },
+}
+LR_DEFAULTS: dict[str, float] = {"dposg": 0.02, "cposg": 0.02, "sgda": 0.02, "dpoadam": 2e-4}
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float | int | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Check the type of one value from a file or the command line; ints are accepted for floats."""
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled annotation {annotation} for {key}")
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """A validated config from loose key/value pairs (YAML, CLI), per-dataset defaults filled in."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration key(s): {', '.join(unknown)}; valid keys: {', '.join(known)}"
+        )
+    typed = {key: _coerce(key, value, str(known[key].type)) for key, value in values.items()}
+    dataset = typed.get("dataset", TrainConfig.dataset)
+    _check_choice("dataset", dataset, DATASETS)
+    algorithm = typed.get("algorithm", TrainConfig.algorithm)
+    _check_choice("algorithm", algorithm, ALGORITHMS)
+    for key, default in DATASET_DEFAULTS[dataset].items():
+        if typed.get(key) is None:
+            typed[key] = default
+    if typed.get("lr") is None:
+        typed["lr"] = LR_DEFAULTS[algorithm]
+    config = TrainConfig(**typed)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    _check_choice("split", config.split, SPLITS)
+    _check_choice("loss", config.loss, LOSSES)
+    _check_choice("model", config.model, MODEL_FAMILIES)
+    _check_choice("weights", config.weights, WEIGHTINGS)
+    _check_choice("wire_dtype", config.wire_dtype, WIRE_DTYPES)
+    _check_choice("device", config.device, DEVICES)
+    for key in ("lr", "gp_weight", "eps", "width", "latent_dim", "batch_size", "nodes", "rounds", "threads"):
+        _check_positive(key, getattr(config, key))
+    for key in ("classes_per_node", "eval_samples", "eval_every", "image_size", "degree"):
+        _check_positive(key, getattr(config, key))
+    if config.iterations is None or config.iterations < 0:
+        raise ConfigError(f"iterations: must be a non-negative integer, got {config.iterations!r}")
+    for key in ("beta1", "beta2"):
+        value = getattr(config, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
+    if config.dataset in ("mnist", "cifar10", "folder") and not config.data_path:
+        raise ConfigError(
+            f"data_path: dataset {config.dataset!r} reads files you already have; give their folder"
+        )
+    if config.topology == "random_regular" and config.degree is None:
+        raise ConfigError("degree: topology random_regular needs a degree")
