@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from agent.core.algorithms import GradientFn
 from agent.core.config import TrainConfig
 from agent.core.schema import ParameterLayout
 from agent.models import build_models
@@ -31,6 +30,21 @@ def node_generator(seed: int, node_index: int) -> torch.Generator:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(node_seed(seed, node_index))
     return generator
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda when present, else mps, else cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was requested but torch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: mps was requested but it is not available")
+    return torch.device(name)
 
 
 @dataclass
@@ -111,17 +125,10 @@ class GanProblem:
             loss_g = generator_loss(self.loss, d_fake)
             (grad_v,) = torch.autograd.grad(loss_d, v, retain_graph=True)
             (grad_u,) = torch.autograd.grad(loss_g, u)
-        return torch.cat([grad_u, grad_v])
+        return torch.cat([grad_u, grad_v]), loss_g.detach(), loss_d.detach()
 
-    def node_operator(self, data: NodeData, stream: torch.Generator) -> GradientFn:
-        """Node i's stochastic operator: every call draws a fresh minibatch and noise from its stream."""
-
-        def gradient_at(z: torch.Tensor) -> torch.Tensor:
-            real = data.sample(self.batch_size, stream).to(self.device)
-            noise = self.latent(self.batch_size, stream)
-            return self.operator(z, real, noise, stream)
-
-        return gradient_at
+    def node_operator(self, data: NodeData, stream: torch.Generator) -> NodeOperator:
+        return NodeOperator(self, data, stream)
 
     @torch.no_grad()
     def generate(self, x: torch.Tensor, count: int, stream: torch.Generator) -> torch.Tensor:
@@ -133,3 +140,27 @@ class GanProblem:
     def state_dicts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named tensors (``generator.*``, ``discriminator.*``) holding copies of x's values."""
         return {name: view.detach().cpu().clone() for name, view in self.layout.views(x).items()}
+
+
+class NodeOperator:
+    """Node i's stochastic operator T_i: every call draws a fresh minibatch and latent noise from the
+    node's own stream, and remembers the losses at the point it was called with."""
+
+    def __init__(self, problem: GanProblem, data: NodeData, stream: torch.Generator) -> None:
+        self.problem = problem
+        self.data = data
+        self.stream = stream
+        self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        problem = self.problem
+        real = self.data.sample(problem.batch_size, self.stream).to(problem.device)
+        noise = problem.latent(problem.batch_size, self.stream)
+        gradient, loss_g, loss_d = problem.operator(z, real, noise, self.stream)
+        self.last_losses = (loss_g, loss_d)
+        return gradient
+
+    def losses(self) -> dict[str, float]:
+        if self.last_losses is None:
+            return {}
+        return {"loss_g": float(self.last_losses[0]), "loss_d": float(self.last_losses[1])}

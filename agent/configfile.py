@@ -1,0 +1,60 @@
+"""Configuration from a YAML file and command-line flags (flags win), built by agent.core.config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.core.config import ConfigError, TrainConfig, build_config
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}"
+        )
+    bad_keys = [key for key in values if not isinstance(key, str)]
+    if bad_keys:
+        raise ConfigError(f"config file {path}: keys must be strings, got {bad_keys}")
+    return values
+
+
+_PARSERS = {"int": int, "float": float, "str": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig key (``--batch-size`` for ``batch_size``), defaulting to 'not given'."""
+    group = parser.add_argument_group("training configuration (also settable in --config YAML)")
+    for field in dataclasses.fields(TrainConfig):
+        base = str(field.type).removesuffix(" | None")
+        group.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=_PARSERS[base],
+            default=argparse.SUPPRESS,
+            metavar=base.upper(),
+            help=field.metadata["help"],
+        )
+    parser.add_argument("--config", type=Path, help="YAML file of configuration keys; flags override it")
+
+
+def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({key: value for key, value in vars(args).items() if key in names})
+    values.update(overrides or {})
+    return build_config(values)

@@ -1,0 +1,63 @@
+"""Configuration: defaults per dataset, YAML + flag precedence, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.configfile import read_yaml
+from agent.core.config import ConfigError, build_config
+
+
+def test_dataset_defaults_fill_unset_keys() -> None:
+    config = build_config({"dataset": "ring8"})
+    assert config.model == "mlp" and config.iterations is not None and config.lr is not None
+    digits = build_config({"dataset": "digits", "algorithm": "dpoadam"})
+    assert digits.model == "dcgan" and digits.lr == pytest.approx(2e-4)
+
+
+def test_explicit_values_win_over_defaults() -> None:
+    config = build_config({"dataset": "ring8", "lr": 0.5, "iterations": 7})
+    assert (config.lr, config.iterations) == (0.5, 7)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": 0.1}, "unknown configuration key.*learning_rate"),
+        ({"lr": -0.1}, "lr: must be a positive number"),
+        ({"lr": "fast"}, "lr: expected a number"),
+        ({"rounds": 1.5}, "rounds: expected an integer"),
+        ({"rounds": 0}, "rounds: must be a positive number"),
+        ({"dataset": "imagenet"}, "dataset: 'imagenet' is not one of"),
+        ({"algorithm": "adam"}, "algorithm: 'adam' is not one of"),
+        ({"beta1": 1.0}, r"beta1: must be in \[0, 1\)"),
+        ({"dataset": "mnist"}, "data_path: dataset 'mnist'"),
+        ({"topology": "random_regular"}, "degree: topology random_regular needs a degree"),
+        ({"wire_dtype": "int8"}, "wire_dtype: 'int8'"),
+        ({"nodes": True}, "nodes: expected an integer"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
+
+
+def test_config_hash_ignores_node_local_keys() -> None:
+    a = build_config({"dataset": "ring8", "device": "cpu", "eval_every": 10})
+    b = build_config({"dataset": "ring8", "device": "auto", "eval_every": 20})
+    c = build_config({"dataset": "ring8", "lr": 0.3})
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_yaml_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        read_yaml(path)
+    path.write_text("lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(path)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        read_yaml(tmp_path / "missing.yaml")
