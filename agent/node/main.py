@@ -1,0 +1,152 @@
+"""``dpgan-agent [--listen H:P] [--peers A,B] [--config F] ...``: run one peer, or ``--local N`` peers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from agent.configfile import add_config_flags, config_from_args
+from agent.core.membership import MembershipError, check_node_id
+from agent.logs import configure_logging, get_logger
+from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def split_host_port(value: str, what: str) -> tuple[str, int]:
+    host, separator, port_text = value.rpartition(":")
+    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{what}: expected host:port, got {value!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def agent_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpgan-agent",
+        description="Decentralized GAN training peer (DPOSG). See 'dpgan-agent simulate --help' too.",
+    )
+    parser.add_argument(
+        "--local", type=int, metavar="N", help="start N agent processes on loopback and train"
+    )
+    parser.add_argument(
+        "--listen", default="0.0.0.0:5000", help="gRPC listen address host:port (port 0: any)"
+    )
+    parser.add_argument("--advertise", help="host:port peers should dial (default: the listen address)")
+    parser.add_argument("--peers", default="", help="comma-separated host:port of the other agents")
+    parser.add_argument("--node-id", help="stable unique node id (default: the advertised address)")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/agent-<node id> or runs/local)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
+    parser.add_argument("--log-every", type=int, default=50, help="iterations between progress log lines")
+    parser.add_argument(
+        "--round-timeout", type=float, default=10.0, help="seconds to wait for a neighbour per round"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for all --peers")
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="gossip stream chunk size"
+    )
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    add_config_flags(parser)
+    return parser
+
+
+def _positive(value: float, what: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{what}: must be positive, got {value}")
+
+
+def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOptions (imported lazily)
+    from agent.node.agent import AgentOptions
+
+    host, port = split_host_port(args.listen, "--listen")
+    advertise = args.advertise or (f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else args.listen)
+    split_host_port(advertise, "--advertise")
+    if port == 0 and not args.advertise:
+        raise ValueError("--listen with port 0 needs --advertise (peers must know the port)")
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    for peer in peers:
+        split_host_port(peer, "--peers")
+    if advertise in peers:
+        raise ValueError(f"--peers lists this agent's own address {advertise}")
+    if len(set(peers)) != len(peers):
+        raise ValueError("--peers lists an address twice")
+    node_id = check_node_id(args.node_id or advertise)
+    for value, what in ((args.checkpoint_every, "--checkpoint-every"), (args.log_every, "--log-every")):
+        _positive(value, what)
+    _positive(args.round_timeout, "--round-timeout")
+    _positive(args.startup_timeout, "--startup-timeout")
+    validate_chunk_bytes(args.chunk_bytes)
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in node_id)
+    return AgentOptions(
+        node_id=node_id,
+        listen_host=host,
+        listen_port=port,
+        advertise=advertise,
+        peers=peers,
+        out=args.out or Path("runs") / f"agent-{safe_id}",
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        round_timeout=args.round_timeout,
+        startup_timeout=args.startup_timeout,
+        chunk_bytes=args.chunk_bytes,
+    )
+
+
+async def _run_agent(agent) -> int:  # noqa: ANN001 - PeerAgent
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            os._exit(128 + signum)  # a second signal: leave at once
+        agent.log.info("stop requested; finishing the current round", signal=signal.Signals(signum).name)
+        agent.stop_requested.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    summary = await agent.run()
+    agent.log.info(
+        "agent finished" if summary["finished"] else "agent stopped",
+        iterations=summary["iterations"],
+        quality=summary["final"].get("quality"),
+        out=str(agent.options.out),
+    )
+    return 0
+
+
+def agent_main(argv: Sequence[str]) -> int:
+    args = agent_parser().parse_args(argv)
+    configure_logging(json={"auto": None, "json": True, "console": False}[args.log_format])
+    try:
+        config = config_from_args(args)
+        if args.local is not None:
+            from agent.node.local import run_local_cluster
+
+            return run_local_cluster(args.local, argv, args.out or Path("runs/local"), config)
+        options = build_options(args)
+    except (ValueError, MembershipError) as error:
+        print(f"dpgan-agent: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    torch.set_num_threads(config.threads)
+    from agent.checkpoint import CheckpointError
+    from agent.node.agent import AgentError, PeerAgent
+
+    log = get_logger(node=options.node_id)
+    try:
+        agent = PeerAgent(config, options)
+        return asyncio.run(_run_agent(agent))
+    except (AgentError, CheckpointError, ValueError, OSError) as error:
+        log.error("agent failed", error=str(error))
+        print(f"dpgan-agent: error: {error}", file=sys.stderr)
+        return EXIT_FAILED

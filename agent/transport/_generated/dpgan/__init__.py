@@ -1,0 +1,1 @@
+"""Generated package for proto package dpgan. DO NOT EDIT."""

@@ -1,0 +1,1 @@
+"""Generated package for proto package dpgan.v1. DO NOT EDIT."""

@@ -1,0 +1,423 @@
+"""gRPC server side of the gossip transport: Handshake, PushVector, FetchState, and health.
+
+The server makes no training decisions. Whom to accept is the agent's HandshakePolicy; where pushed
+vectors go is the agent's Inbox; what state to hand a late joiner is the agent's StateProvider.
+What the server does own is wire hygiene: only handshaken peers may push or fetch, every byte is
+validated (codec.VectorAssembler), and partial or invalid data never reaches the inbox.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+import structlog
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
+from agent.transport.codec import (
+    GOSSIP_SERVICE_NAME,
+    PROTOCOL_VERSION,
+    ExpectedVector,
+    PeerIdentity,
+    RawChunk,
+    StateSnapshot,
+    VectorAssembler,
+    WireError,
+    WireErrorKind,
+    encode_state,
+    identity_mismatch,
+    parse_chunk,
+)
+from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
+from agent.transport.options import DEFAULT_CHUNK_BYTES, server_options, validate_chunk_bytes
+
+HandshakePolicy = Callable[[pb.HandshakeRequest], tuple[bool, str]]
+StateProvider = Callable[[], StateSnapshot | Awaitable[StateSnapshot]]
+
+_log = structlog.get_logger(__name__)
+
+_STATUS_BY_OUTCOME: Final = {
+    PutOutcome.ACCEPTED: pb.PUSH_STATUS_ACCEPTED,
+    PutOutcome.BUFFERED_AHEAD: pb.PUSH_STATUS_BUFFERED_AHEAD,
+    PutOutcome.STALE: pb.PUSH_STATUS_STALE,
+    PutOutcome.DUPLICATE: pb.PUSH_STATUS_DUPLICATE,
+    PutOutcome.TOO_FAR_AHEAD: pb.PUSH_STATUS_TOO_FAR_AHEAD,
+}
+_STATUS_BY_WIRE_ERROR: Final = {
+    WireErrorKind.STALE: pb.PUSH_STATUS_STALE,
+    WireErrorKind.TOO_FAR_AHEAD: pb.PUSH_STATUS_TOO_FAR_AHEAD,
+    WireErrorKind.EPOCH_MISMATCH: pb.PUSH_STATUS_EPOCH_MISMATCH,
+}
+
+
+class BindError(OSError):
+    """The server could not bind its address (typically: the port is already in use)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakenPeer:
+    """A peer whose most recent handshake was accepted."""
+
+    node_id: str
+    advertise_address: str
+    membership_epoch: int
+    agent_version: str
+
+
+def default_handshake_policy(local: PeerIdentity) -> HandshakePolicy:
+    """Accept exactly the peers with the same protocol, schema hash and config hash as `local`."""
+
+    def policy(request: pb.HandshakeRequest) -> tuple[bool, str]:
+        reason = identity_mismatch(local, request)
+        return (reason is None, reason or "")
+
+    return policy
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _parse_or_error(raw: bytes) -> RawChunk | WireError:
+    # A deserializer that raises makes gRPC fail the call with an opaque INTERNAL status; handing the
+    # error to the handler instead lets it answer with a PushAck that names the problem.
+    try:
+        return parse_chunk(raw)
+    except WireError as error:
+        return error
+
+
+class GossipServer:
+    """One node's gRPC endpoint. Create, `await start()`, `await set_serving(True)`, `await stop()`."""
+
+    def __init__(
+        self,
+        *,
+        identity: PeerIdentity,
+        inbox: Inbox,
+        vector_length: int,
+        handshake_policy: HandshakePolicy | None = None,
+        state_provider: StateProvider | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device: torch.device | str = "cpu",
+        state_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if vector_length < 0:
+            raise ValueError(f"vector_length must be >= 0, got {vector_length}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {port}")
+        self._identity = identity
+        self._inbox = inbox
+        self._vector_length = vector_length
+        self._handshake_policy = handshake_policy or default_handshake_policy(identity)
+        self._state_provider = state_provider
+        self._host = host
+        self._requested_port = port
+        self._device = device
+        self._state_chunk_bytes = validate_chunk_bytes(state_chunk_bytes)
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._bound_port: int | None = None
+        self._peers: dict[str, HandshakenPeer] = {}
+        self._bytes_received_by_peer: dict[str, int] = {}
+        self._bytes_received = 0
+        self._logged_rejections: set[tuple[str, str]] = set()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def bound_port(self) -> int:
+        if self._bound_port is None:
+            raise RuntimeError("GossipServer is not started; bound_port is known after start()")
+        return self._bound_port
+
+    @property
+    def address(self) -> str:
+        """host:port clients can dial (the bound port, not the requested 0)."""
+        return _format_address(self._host, self.bound_port)
+
+    async def start(self) -> None:
+        """Bind and start serving; health starts NOT_SERVING until `set_serving(True)`."""
+        if self._server is not None:
+            raise RuntimeError("GossipServer.start() called twice")
+        server = grpc.aio.server(options=server_options())
+        handlers = self._method_handlers()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(GOSSIP_SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(GOSSIP_SERVICE_NAME, handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        requested = _format_address(self._host, self._requested_port)
+        try:
+            bound_port = server.add_insecure_port(requested)
+        except RuntimeError as error:
+            raise BindError(
+                f"cannot bind gossip server to {requested}: {error} "
+                "(is another agent already using this port? SO_REUSEPORT is disabled on purpose)"
+            ) from error
+        if bound_port == 0:
+            # Older grpcio signals bind failure by returning port 0 instead of raising.
+            raise BindError(f"cannot bind gossip server to {requested} (port in use or address invalid)")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        self._bound_port = bound_port
+        _log.info("gossip_server_started", address=self.address, node_id=self._identity.node_id)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Report NOT_SERVING, then stop; in-flight RPCs get `grace` seconds to finish."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        await server.stop(grace)
+        _log.info("gossip_server_stopped", node_id=self._identity.node_id)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health status seen by probes: SERVING while training, NOT_SERVING otherwise."""
+        serving_status = health_pb2.HealthCheckResponse
+        await self._set_health(serving_status.SERVING if serving else serving_status.NOT_SERVING)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        # Both the overall ("") and the per-service entry, so either kind of probe sees the same thing.
+        await self._health.set(health.OVERALL_HEALTH, status)
+        await self._health.set(GOSSIP_SERVICE_NAME, status)
+
+    # ---- observability ---------------------------------------------------------------------------
+
+    @property
+    def bytes_received(self) -> int:
+        """Serialized chunk bytes received in PushVector streams, from all peers, accepted or not."""
+        return self._bytes_received
+
+    @property
+    def bytes_received_by_peer(self) -> dict[str, int]:
+        return dict(self._bytes_received_by_peer)
+
+    @property
+    def handshaken_peers(self) -> dict[str, HandshakenPeer]:
+        return dict(self._peers)
+
+    def forget_peer(self, node_id: str) -> None:
+        """Require `node_id` to handshake again before its next push (e.g. after a membership change)."""
+        self._peers.pop(node_id, None)
+
+    # ---- RPC handlers ----------------------------------------------------------------------------
+
+    def _method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Handlers for the Gossip service as declared in the .proto, with zero-copy chunk codecs.
+
+        Hand-built rather than via the generated add_GossipServicer_to_server so that PushVector
+        requests are parsed by codec.parse_chunk (payload stays a view into the received message) and
+        FetchState responses are sent as frames codec already serialized. The bytes on the wire are
+        exactly the protobuf messages, so generated stubs interoperate.
+        """
+        return {
+            "Handshake": grpc.unary_unary_rpc_method_handler(
+                self._rpc_handshake,
+                request_deserializer=pb.HandshakeRequest.FromString,
+                response_serializer=pb.HandshakeResponse.SerializeToString,
+            ),
+            "PushVector": grpc.stream_unary_rpc_method_handler(
+                self._rpc_push_vector,
+                request_deserializer=_parse_or_error,
+                response_serializer=pb.PushAck.SerializeToString,
+            ),
+            "FetchState": grpc.unary_stream_rpc_method_handler(
+                self._rpc_fetch_state,
+                request_deserializer=pb.StateRequest.FromString,
+                response_serializer=None,  # codec.encode_state yields serialized VectorChunks
+            ),
+        }
+
+    async def _rpc_handshake(
+        self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HandshakeResponse:
+        return self._handle_handshake(request, context.peer())
+
+    async def _rpc_push_vector(
+        self, chunks: AsyncIterator[RawChunk | WireError], context: grpc.aio.ServicerContext
+    ) -> pb.PushAck:
+        return await self._handle_push(chunks, context.peer())
+
+    async def _rpc_fetch_state(
+        self, request: pb.StateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for frame in self._handle_fetch_state(request, context):
+            yield frame
+
+    def _handle_handshake(self, request: pb.HandshakeRequest, peer: str) -> pb.HandshakeResponse:
+        if request.protocol_version != PROTOCOL_VERSION:
+            accepted, reason = (
+                False,
+                (
+                    f"protocol_version differs: this node speaks {PROTOCOL_VERSION}, "
+                    f"peer sent {request.protocol_version}"
+                ),
+            )
+        elif not request.node_id:
+            accepted, reason = False, "handshake carries an empty node_id"
+        elif request.node_id == self._identity.node_id:
+            accepted, reason = False, f"peer claims this node's own node_id {request.node_id!r}"
+        else:
+            try:
+                accepted, reason = self._handshake_policy(request)
+            except Exception as error:
+                # A crashing policy must not turn into an opaque UNKNOWN status at the peer.
+                _log.exception("handshake_policy_failed", peer=peer, node_id=request.node_id)
+                accepted, reason = False, f"handshake policy failed on this node: {error!r}"
+        if accepted:
+            self._peers[request.node_id] = HandshakenPeer(
+                node_id=request.node_id,
+                advertise_address=request.advertise_address,
+                membership_epoch=request.membership_epoch,
+                agent_version=request.agent_version,
+            )
+            _log.info("handshake_accepted", peer=peer, node_id=request.node_id)
+        else:
+            # A refused re-handshake revokes an earlier acceptance: the peer changed incompatibly.
+            self._peers.pop(request.node_id, None)
+            self._log_once(request.node_id or peer, "handshake_refused", reason)
+        return self._identity.handshake_response(accepted=accepted, reason=reason)
+
+    async def _handle_push(self, chunks: AsyncIterator[RawChunk | WireError], peer: str) -> pb.PushAck:
+        sender = peer  # replaced by the header's sender_id once known; used for accounting and logs
+        assembler: VectorAssembler | None = None
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, WireError):
+                    raise chunk
+                if assembler is None and chunk.header is not None and chunk.header.sender_id:
+                    sender = chunk.header.sender_id
+                self._count_received(sender, chunk.message_bytes)
+                if assembler is not None:
+                    assembler.add(chunk)
+                    continue
+                header = chunk.header
+                if header is None:
+                    raise WireError(
+                        WireErrorKind.MISSING_HEADER, "first chunk of the stream carries no VectorHeader"
+                    )
+                known_peer = self._peers.get(header.sender_id)
+                if known_peer is None:
+                    return self._reject(
+                        sender,
+                        pb.PUSH_STATUS_NOT_HANDSHAKEN,
+                        f"node {header.sender_id!r} has not completed a handshake with "
+                        f"{self._identity.node_id!r}; handshake before pushing",
+                    )
+                assembler = VectorAssembler(
+                    ExpectedVector(
+                        element_count=self._vector_length,
+                        earliest=self._inbox.position,
+                        latest=self._inbox.latest_accepted,
+                        rounds_per_iteration=self._inbox.rounds_per_iteration,
+                        membership_epoch=known_peer.membership_epoch,
+                        device=self._device,
+                    )
+                )
+                assembler.add(chunk)
+                if self._inbox.classify(sender, header.iteration, header.round) is PutOutcome.DUPLICATE:
+                    # Refuse from the header: no point receiving megabytes we will throw away.
+                    return self._reject(
+                        sender,
+                        pb.PUSH_STATUS_DUPLICATE,
+                        f"already received a vector from {sender!r} for "
+                        f"(iteration {header.iteration}, round {header.round})",
+                    )
+            if assembler is None:
+                raise WireError(WireErrorKind.MISSING_HEADER, "push stream carried no chunks")
+            decoded = assembler.finish()
+        except WireError as error:
+            status = _STATUS_BY_WIRE_ERROR.get(error.kind, pb.PUSH_STATUS_MALFORMED)
+            return self._reject(sender, status, str(error), error.kind)
+
+        # The inbox may have moved on while the payload streamed in; put() re-checks the position.
+        outcome = self._inbox.put(
+            InboxMessage(
+                sender_id=decoded.sender_id,
+                iteration=decoded.iteration,
+                round=decoded.round,
+                vector=decoded.vector,
+            )
+        )
+        if outcome.delivered:
+            return pb.PushAck(accepted=True, status=_STATUS_BY_OUTCOME[outcome])
+        return self._reject(
+            sender,
+            _STATUS_BY_OUTCOME[outcome],
+            f"vector for (iteration {decoded.iteration}, round {decoded.round}) not delivered: "
+            f"{outcome.value}; inbox is at {tuple(self._inbox.position)}",
+        )
+
+    async def _handle_fetch_state(
+        self, request: pb.StateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        requester = request.requester_id
+        if requester not in self._peers:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {requester!r} has not completed a handshake with {self._identity.node_id!r}",
+            )
+        if self._state_provider is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not serve state")
+        try:
+            chunk_bytes = validate_chunk_bytes(request.chunk_bytes or self._state_chunk_bytes)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"StateRequest.{error}")
+
+        try:
+            provided = self._state_provider()
+            snapshot = await provided if inspect.isawaitable(provided) else provided
+        except Exception as error:
+            _log.exception("state_provider_failed", requester=requester)
+            await context.abort(grpc.StatusCode.INTERNAL, f"state provider failed on this node: {error!r}")
+        names = list(request.names) or list(snapshot.tensors)
+        if not names:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "this node has no state tensors to offer")
+        if len(set(names)) != len(names):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "StateRequest.names contains duplicates")
+        unknown = [name for name in names if name not in snapshot.tensors]
+        if unknown:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown state tensor(s): {', '.join(unknown)}; available: {', '.join(snapshot.tensors)}",
+            )
+        try:
+            for frame in encode_state(
+                {name: snapshot.tensors[name] for name in names},
+                sender_id=self._identity.node_id,
+                iteration=snapshot.iteration,
+                round=snapshot.round,
+                epoch=self._identity.membership_epoch,
+                chunk_bytes=chunk_bytes,
+            ):
+                yield frame
+        except ValueError as error:
+            _log.error("state_not_transferable", requester=requester, error=str(error))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"state not transferable: {error}")
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def _count_received(self, sender: str, byte_count: int) -> None:
+        self._bytes_received += byte_count
+        self._bytes_received_by_peer[sender] = self._bytes_received_by_peer.get(sender, 0) + byte_count
+
+    def _reject(self, sender: str, status: int, reason: str, kind: str | None = None) -> pb.PushAck:
+        self._log_once(sender, kind or pb.PushStatus.Name(status), reason)
+        return pb.PushAck(accepted=False, reason=reason, status=status)
+
+    def _log_once(self, sender: str, kind: str, reason: str) -> None:
+        # Once per (peer, kind): a peer that is persistently stale or broken would otherwise log
+        # every round (or every chunk) and drown everything else.
+        key = (sender, kind)
+        if key in self._logged_rejections:
+            return
+        self._logged_rejections.add(key)
+        _log.warning("gossip_rejected", peer=sender, kind=kind, reason=reason, repeats_suppressed=True)
