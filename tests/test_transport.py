@@ -24,6 +24,7 @@ from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
 from agent.transport.client import HandshakeRefused, PeerClient, PeerRpcError, PeerUnavailable
 from agent.transport.codec import (
+    GOSSIP_SERVICE_NAME,
     PROTOCOL_VERSION,
     ExpectedVector,
     PeerIdentity,
@@ -38,6 +39,8 @@ from agent.transport.codec import (
     encode_state,
     encode_vector,
     identity_mismatch,
+    iter_frames,
+    parse_chunk,
     prepare_vector,
 )
 from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
@@ -49,7 +52,7 @@ from agent.transport.options import (
     server_options,
     validate_chunk_bytes,
 )
-from agent.transport.server import GOSSIP_SERVICE_NAME, BindError, GossipServer
+from agent.transport.server import BindError, GossipServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -247,6 +250,72 @@ def test_prepared_vector_is_reusable_and_aliases_float32_memory() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# codec: hand-written framing must be exactly protobuf's VectorChunk encoding
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("element_count", [0, 5, CHUNK // 4, CHUNK // 4 * 3 + 1])
+def test_frames_are_byte_identical_to_protobuf_serialization(element_count: int) -> None:
+    vector = torch.randn(element_count)
+    prepared = prepare_vector(vector)
+    frames = list(iter_frames(prepared, sender_id="a", iteration=3, round=1, epoch=2, chunk_bytes=CHUNK))
+    header = pb.VectorHeader(
+        sender_id="a",
+        iteration=3,
+        round=1,
+        membership_epoch=2,
+        dtype=pb.WIRE_DTYPE_FLOAT32,
+        element_count=element_count,
+        checksum=prepared.checksum,
+        chunk_bytes=CHUNK,
+    )
+    payload = vector.numpy().tobytes()
+    pieces = [payload[offset : offset + CHUNK] for offset in range(0, len(payload), CHUNK)] or [b""]
+    expected = [pb.VectorChunk(header=header, data=pieces[0]).SerializeToString()]
+    expected += [pb.VectorChunk(data=piece).SerializeToString() for piece in pieces[1:]]
+    assert frames == expected
+
+
+def test_parse_chunk_agrees_with_protobuf_and_skips_unknown_fields() -> None:
+    header = pb.VectorHeader(sender_id="a", element_count=3, name="x", shape=[3])
+    for message in (
+        pb.VectorChunk(header=header, data=b"abc"),
+        pb.VectorChunk(data=b"\x00" * 1000),
+        pb.VectorChunk(header=header),
+        pb.VectorChunk(),
+    ):
+        raw = message.SerializeToString()
+        parsed = parse_chunk(raw)
+        assert (parsed.header is not None) == message.HasField("header")
+        if parsed.header is not None:
+            assert parsed.header == message.header
+        assert bytes(parsed.data) == message.data
+        assert parsed.message_bytes == len(raw)
+    # A newer peer's extra fields (varint 3, fixed64 4, fixed32 5, bytes 6) are skipped, not fatal.
+    future = b"\x18\x96\x01" + b"\x21" + bytes(8) + b"\x2d" + bytes(4) + b"\x32\x02hi" + b"\x12\x01z"
+    assert bytes(parse_chunk(future).data) == b"z"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x12", "ends inside a varint"),
+        (b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", "longer than 10 bytes"),
+        (b"\x12\x05abc", "claims 5 bytes but only 3 remain"),
+        (b"\x08\x01", "field 1 has wire type 0, expected 2"),
+        (b"\x12\x01a\x12\x01b", "two data fields"),
+        (b"\x0a\x00\x0a\x00", "two headers"),
+        (b"\x0a\x02\xff\xff", "undecodable VectorHeader"),
+        (b"\x1b", "unsupported wire type 3"),
+        (b"\x21\x00", "field 4 is truncated"),
+    ],
+)
+def test_parse_chunk_rejects_malformed_messages(raw: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        parse_chunk(raw)
+
+
+# ---------------------------------------------------------------------------------------------------
 # codec: every rejection path of the decoder
 # ---------------------------------------------------------------------------------------------------
 
@@ -421,10 +490,10 @@ def state_tensors() -> dict[str, torch.Tensor]:
 
 def test_state_stream_round_trip_keeps_names_shapes_and_bits() -> None:
     tensors = state_tensors()
-    chunks = encode_state(tensors, sender_id="b", iteration=9, round=1, epoch=0, chunk_bytes=CHUNK)
+    frames = encode_state(tensors, sender_id="b", iteration=9, round=1, epoch=0, chunk_bytes=CHUNK)
     decoder = StateStreamDecoder(requested=(), max_total_bytes=1 << 30, expected_sender="b")
-    for chunk in chunks:
-        decoder.add(chunk)
+    for frame in frames:
+        decoder.add(parse_chunk(frame))
     snapshot = decoder.finish()
     assert snapshot.position == Position(9, 1)
     assert list(snapshot.tensors) == list(tensors)
@@ -438,8 +507,8 @@ def test_state_stream_rejects_wrong_names_and_limits() -> None:
 
     def decode(requested: tuple[str, ...], source: dict[str, torch.Tensor], limit: int = 1 << 30) -> None:
         decoder = StateStreamDecoder(requested=requested, max_total_bytes=limit)
-        for chunk in encode_state(source, sender_id="b", iteration=0, round=0, epoch=0, chunk_bytes=CHUNK):
-            decoder.add(chunk)
+        for frame in encode_state(source, sender_id="b", iteration=0, round=0, epoch=0, chunk_bytes=CHUNK):
+            decoder.add(parse_chunk(frame))
         decoder.finish()
 
     with pytest.raises(WireError, match="lacks requested tensor"):
@@ -638,6 +707,31 @@ def test_handshake_accepted_and_refused_with_reason() -> None:
     run(scenario)
 
 
+def test_server_refuses_wrong_protocol_and_survives_a_crashing_policy() -> None:
+    def crashing_policy(request: pb.HandshakeRequest) -> tuple[bool, str]:
+        raise KeyError("boom")
+
+    async def scenario() -> None:
+        async with (
+            gossip_node("b", vector_length=4, handshake_policy=crashing_policy) as node,
+            grpc.aio.insecure_channel(node.server.address) as channel,
+        ):
+            stub = pb_grpc.GossipStub(channel)
+            request = identity("a").handshake_request()
+            request.protocol_version = PROTOCOL_VERSION + 1
+            response = await stub.Handshake(request, timeout=5)
+            assert not response.accepted
+            assert f"this node speaks {PROTOCOL_VERSION}, peer sent {PROTOCOL_VERSION + 1}" in response.reason
+            with structlog.testing.capture_logs():  # the policy's traceback is expected here
+                response = await stub.Handshake(identity("a").handshake_request(), timeout=5)
+            assert (
+                not response.accepted and "handshake policy failed on this node: KeyError" in response.reason
+            )
+            assert node.server.handshaken_peers == {}
+
+    run(scenario)
+
+
 def test_client_refuses_incompatible_responder_even_if_it_accepts() -> None:
     async def scenario() -> None:
         async with (
@@ -667,8 +761,10 @@ def test_push_16_mb_vector_arrives_bit_exact_in_inbox() -> None:
             assert ack.accepted and ack.status == pb.PUSH_STATUS_ACCEPTED, ack.reason
             received = await node.inbox.wait_for(0, 0, {"a"}, timeout=1.0)
             assert torch.equal(bits(received["a"]), bits(vector))
-            assert client.bytes_sent == node.server.bytes_received == length * 4
-            assert node.server.bytes_received_by_peer == {"a": length * 4}
+            # Counted as serialized chunk bytes: the payload plus a few bytes of framing per chunk.
+            assert client.bytes_sent == node.server.bytes_received
+            assert length * 4 < client.bytes_sent < length * 4 + 1024
+            assert node.server.bytes_received_by_peer == {"a": client.bytes_sent}
 
     run(scenario)
 
@@ -756,8 +852,18 @@ def test_push_before_handshake_and_malformed_stream_are_rejected_and_logged_once
                 (entry["peer"], entry["kind"]) for entry in logs if entry["event"] == "gossip_rejected"
             ]
             assert rejections == [("stranger", "PUSH_STATUS_NOT_HANDSHAKEN"), ("a", "checksum")]
+            assert node.server.rejection_counts == {
+                ("stranger", "PUSH_STATUS_NOT_HANDSHAKEN"): 3,
+                ("a", "checksum"): 3,
+            }
 
     run(scenario)
+
+
+def test_server_registers_exactly_the_proto_methods() -> None:
+    server = GossipServer(identity=identity("b"), inbox=Inbox(rounds_per_iteration=1), vector_length=1)
+    declared = set(pb.DESCRIPTOR.services_by_name["Gossip"].methods_by_name)
+    assert set(server._method_handlers()) == declared
 
 
 def test_port_clash_fails_loudly() -> None:

@@ -46,6 +46,10 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 FINAL_NAME = "final.safetensors"
 
 
+class StopRequested(Exception):
+    """A stop signal arrived while the node was waiting inside a round."""
+
+
 class AgentError(RuntimeError):
     """The agent cannot start or continue (unreachable peers, refused handshake, bad checkpoint)."""
 
@@ -189,9 +193,10 @@ class PeerAgent:
             raise CheckpointError(
                 f"checkpoint {path} was written for a different model (schema hash differs)"
             )
-        saved_cluster = {k: checkpoint.config.get(k) for k in self.config.cluster_dict()}
-        if saved_cluster != self.config.cluster_dict():
-            differing = sorted(k for k, v in self.config.cluster_dict().items() if saved_cluster.get(k) != v)
+        # The iteration goal may grow on resume (train longer); everything else must match.
+        current = {k: v for k, v in self.config.cluster_dict().items() if k != "iterations"}
+        differing = sorted(k for k, v in current.items() if checkpoint.config.get(k) != v)
+        if differing:
             raise CheckpointError(
                 f"checkpoint {path} was written with a different configuration: {differing}"
             )
@@ -221,7 +226,7 @@ class PeerAgent:
         self.health[node_id] = health
         if action is PeerAction.MARK_DOWN:
             self.log.warning(
-                "neighbour down; mixing without it", neighbour=node_id, event=event.value, reason=reason
+                "neighbour down; mixing without it", neighbour=node_id, cause=event.value, reason=reason
             )
 
     async def _push(self, node_id: str, wire: Any, iteration: int, round_: int, traffic: Traffic) -> None:
@@ -243,6 +248,21 @@ class PeerAgent:
         if not ack.accepted:
             self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
 
+    async def _until_stop(self, awaitable: Any) -> Any:
+        """Await ``awaitable`` unless a stop is requested first (then cancel it and raise StopRequested)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise StopRequested
+        return task.result()
+
     async def _gossip_round(
         self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
     ) -> torch.Tensor:
@@ -259,7 +279,9 @@ class PeerAgent:
         received_before = self.server.bytes_received
         await asyncio.gather(*(self._push(node_id, wire, iteration, round_, traffic) for node_id in live))
         reachable = [node_id for node_id in live if self.health[node_id].alive]
-        received = await self.inbox.wait_for(iteration, round_, reachable, timeout=self.options.round_timeout)
+        received = await self._until_stop(
+            self.inbox.wait_for(iteration, round_, reachable, timeout=self.options.round_timeout)
+        )
         traffic.bytes_received += self.server.bytes_received - received_before
         for node_id in reachable:
             if node_id in received:
@@ -291,7 +313,10 @@ class PeerAgent:
             for round_ in range(self.config.rounds):
                 if self.stop_requested.is_set():
                     return None
-                x = await self._gossip_round(x, iteration, round_, traffic)
+                try:
+                    x = await self._gossip_round(x, iteration, round_, traffic)
+                except StopRequested:
+                    return None
         traffic.communication_seconds = time.perf_counter() - started
         compute_started = time.perf_counter()
         self.state = await asyncio.to_thread(

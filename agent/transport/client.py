@@ -72,7 +72,8 @@ def _validate_timeout(timeout: float) -> float:
 class PeerClient:
     """Talks to one neighbour's GossipServer over a single reused gRPC channel.
 
-    Handshake first: pushes and state fetches are sent as the handshaken identity.
+    Handshake first: pushes and state fetches are sent as the handshaken identity. Create it inside
+    the event loop that will use it (grpc.aio channels belong to one loop).
     """
 
     def __init__(self, address: str, *, default_timeout: float = DEFAULT_RPC_TIMEOUT_S) -> None:
@@ -89,13 +90,11 @@ class PeerClient:
             PUSH_VECTOR_METHOD,
             request_serializer=None,
             response_deserializer=pb.PushAck.FromString,
-            _registered_method=True,
         )
         self._fetch_state = self._channel.unary_stream(
             FETCH_STATE_METHOD,
             request_serializer=pb.StateRequest.SerializeToString,
             response_deserializer=None,
-            _registered_method=True,
         )
         self._identity: PeerIdentity | None = None
         self._remote: pb.HandshakeResponse | None = None

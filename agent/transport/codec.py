@@ -676,6 +676,22 @@ def decode_vector(chunks: Iterable[pb.VectorChunk | RawChunk], expected: Expecte
     return assembler.finish()
 
 
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    """Named float32 tensors (parameters, optimizer state) and the gossip position they are from.
+
+    The position travels with the tensors because a late joiner must know where to resume.
+    """
+
+    iteration: int
+    round: int
+    tensors: Mapping[str, torch.Tensor]
+
+    @property
+    def position(self) -> Position:
+        return Position(self.iteration, self.round)
+
+
 class StateStreamDecoder:
     """Splits a FetchState response stream into named tensors and validates each one.
 
@@ -755,22 +771,6 @@ class StateStreamDecoder:
             )
         self._remaining_bytes -= decoded.vector.numel() * 4
         self._tensors[decoded.name] = decoded.vector
-
-
-@dataclass(frozen=True, slots=True)
-class StateSnapshot:
-    """Named float32 tensors (parameters, optimizer state) and the gossip position they are from.
-
-    The position travels with the tensors because a late joiner must know where to resume.
-    """
-
-    iteration: int
-    round: int
-    tensors: Mapping[str, torch.Tensor]
-
-    @property
-    def position(self) -> Position:
-        return Position(self.iteration, self.round)
 
 
 def encode_state(

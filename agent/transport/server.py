@@ -9,6 +9,7 @@ validated (codec.VectorAssembler), and partial or invalid data never reaches the
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -128,6 +129,7 @@ class GossipServer:
         self._bytes_received_by_peer: dict[str, int] = {}
         self._bytes_received = 0
         self._logged_rejections: set[tuple[str, str]] = set()
+        self._rejection_counts: Counter[tuple[str, str]] = Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -201,6 +203,11 @@ class GossipServer:
         return dict(self._bytes_received_by_peer)
 
     @property
+    def rejection_counts(self) -> dict[tuple[str, str], int]:
+        """How often each (peer, reason kind) was refused, including the occurrences not logged."""
+        return dict(self._rejection_counts)
+
+    @property
     def handshaken_peers(self) -> dict[str, HandshakenPeer]:
         return dict(self._peers)
 
@@ -253,25 +260,17 @@ class GossipServer:
             yield frame
 
     def _handle_handshake(self, request: pb.HandshakeRequest, peer: str) -> pb.HandshakeResponse:
-        if request.protocol_version != PROTOCOL_VERSION:
-            accepted, reason = (
-                False,
-                (
-                    f"protocol_version differs: this node speaks {PROTOCOL_VERSION}, "
-                    f"peer sent {request.protocol_version}"
-                ),
-            )
-        elif not request.node_id:
-            accepted, reason = False, "handshake carries an empty node_id"
-        elif request.node_id == self._identity.node_id:
-            accepted, reason = False, f"peer claims this node's own node_id {request.node_id!r}"
-        else:
+        reason = self._transport_refusal(request)
+        accepted = reason is None
+        if accepted:
             try:
                 accepted, reason = self._handshake_policy(request)
             except Exception as error:
                 # A crashing policy must not turn into an opaque UNKNOWN status at the peer.
                 _log.exception("handshake_policy_failed", peer=peer, node_id=request.node_id)
                 accepted, reason = False, f"handshake policy failed on this node: {error!r}"
+        if not accepted and not reason:
+            reason = "refused by this node's handshake policy (it gave no reason)"
         if accepted:
             self._peers[request.node_id] = HandshakenPeer(
                 node_id=request.node_id,
@@ -284,7 +283,20 @@ class GossipServer:
             # A refused re-handshake revokes an earlier acceptance: the peer changed incompatibly.
             self._peers.pop(request.node_id, None)
             self._log_once(request.node_id or peer, "handshake_refused", reason)
-        return self._identity.handshake_response(accepted=accepted, reason=reason)
+        return self._identity.handshake_response(accepted=accepted, reason=reason or "")
+
+    def _transport_refusal(self, request: pb.HandshakeRequest) -> str | None:
+        """Checks no policy may override: without them the wire protocol itself cannot work."""
+        if request.protocol_version != PROTOCOL_VERSION:
+            return (
+                f"protocol_version differs: this node speaks {PROTOCOL_VERSION}, "
+                f"peer sent {request.protocol_version}"
+            )
+        if not request.node_id:
+            return "handshake carries an empty node_id"
+        if request.node_id == self._identity.node_id:
+            return f"peer claims this node's own node_id {request.node_id!r}"
+        return None
 
     async def _handle_push(self, chunks: AsyncIterator[RawChunk | WireError], peer: str) -> pb.PushAck:
         sender = peer  # replaced by the header's sender_id once known; used for accounting and logs
@@ -415,8 +427,9 @@ class GossipServer:
 
     def _log_once(self, sender: str, kind: str, reason: str) -> None:
         # Once per (peer, kind): a peer that is persistently stale or broken would otherwise log
-        # every round (or every chunk) and drown everything else.
+        # every round (or every chunk) and drown everything else. The counter keeps the full tally.
         key = (sender, kind)
+        self._rejection_counts[key] += 1
         if key in self._logged_rejections:
             return
         self._logged_rejections.add(key)

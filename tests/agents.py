@@ -1,0 +1,82 @@
+"""Helpers to run real dpgan-agent processes on loopback in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The cluster-wide keys of the equivalence configuration (shared by the agents and the simulator).
+EQUIVALENCE_FLAGS = [
+    "--dataset", "ring8", "--topology", "ring", "--rounds", "2", "--iterations", "50",
+    "--eval-every", "50", "--eval-samples", "200", "--seed", "7",
+]  # fmt: skip
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_agents(tmp_path: Path, count: int, flags: list[str], extra: dict[int, list[str]] | None = None):
+    ports = free_ports(count)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    processes = []
+    for i, address in enumerate(addresses):
+        out = tmp_path / f"node-{i}"
+        out.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "agent.cli", "--listen", address, "--node-id", f"node-{i}",
+            "--peers", ",".join(a for j, a in enumerate(addresses) if j != i),
+            "--out", str(out), "--log-format", "json", "--startup-timeout", "30", *flags,
+            *(extra or {}).get(i, []),
+        ]  # fmt: skip
+        log = (out / "agent.log").open("w")
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    return processes, addresses
+
+
+def wait_all(processes, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for process in processes:
+            codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+    return codes
+
+
+def log_events(path: Path) -> list[dict]:
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def wait_for_event(path: Path, predicate, timeout: float) -> dict | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for event in log_events(path):
+                if predicate(event):
+                    return event
+        time.sleep(0.1)
+    return None

@@ -1,0 +1,94 @@
+"""Real agent processes over real gRPC on loopback: equivalence with the simulator, failures, signals."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.checkpoint import load_checkpoint
+from agent.cli import main
+from tests.agents import EQUIVALENCE_FLAGS, log_events, start_agents, wait_all, wait_for_event
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_four_agents_reproduce_the_simulator_bit_for_bit(tmp_path: Path) -> None:
+    processes, _ = start_agents(tmp_path / "agents", 4, EQUIVALENCE_FLAGS)
+    assert main(["simulate", *EQUIVALENCE_FLAGS, "--nodes", "4", "--out", str(tmp_path / "sim")]) == 0
+    assert wait_all(processes, timeout=150) == [0, 0, 0, 0]
+    worst = 0.0
+    for i in range(4):
+        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
+        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
+        assert agent.iteration == simulated.iteration == 50
+        assert agent.parameters.keys() == simulated.parameters.keys()
+        for name, tensor in simulated.parameters.items():
+            worst = max(worst, float((tensor - agent.parameters[name]).abs().max()))
+        for name, tensor in simulated.optimizer.items():
+            worst = max(worst, float((tensor - agent.optimizer[name]).abs().max()))
+        assert torch.equal(agent.rng_state, simulated.rng_state)
+    assert worst <= 1e-6, f"agents differ from the simulator by {worst}"
+
+
+def test_killed_agent_does_not_stop_the_others(tmp_path: Path) -> None:
+    flags = ["--dataset", "ring8", "--iterations", "400", "--eval-every", "400", "--eval-samples", "200",
+             "--round-timeout", "2", "--log-every", "10"]  # fmt: skip
+    processes, _ = start_agents(tmp_path, 4, flags)
+    started = wait_for_event(tmp_path / "node-2" / "agent.log", lambda e: e.get("event") == "iteration", 60)
+    assert started is not None, "training never started"
+    processes[2].send_signal(signal.SIGKILL)
+    codes = wait_all([p for i, p in enumerate(processes) if i != 2], timeout=120)
+    assert codes == [0, 0, 0]
+    for i in (0, 1, 3):
+        assert load_checkpoint(tmp_path / f"node-{i}" / "final.safetensors").iteration == 400
+    down = [e for i in (1, 3) for e in log_events(tmp_path / f"node-{i}" / "agent.log")
+            if e.get("event", "").startswith("neighbour down")]  # fmt: skip
+    assert down and all(e["neighbour"] == "node-2" for e in down)
+
+
+def test_peer_with_a_different_config_is_refused_at_the_handshake(tmp_path: Path) -> None:
+    flags = ["--dataset", "ring8", "--iterations", "20", "--eval-every", "20", "--eval-samples", "100"]
+    processes, _ = start_agents(
+        tmp_path,
+        2,
+        flags,
+        extra={0: ["--startup-timeout", "5"], 1: ["--lr", "0.5", "--startup-timeout", "5"]},
+    )
+    codes = wait_all(processes, timeout=90)
+    assert codes[0] != 0 and codes[1] != 0
+    text = (tmp_path / "node-0" / "agent.log").read_text() + (tmp_path / "node-1" / "agent.log").read_text()
+    assert "config_hash differs" in text and "lr" in text
+
+
+def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
+    flags = ["--dataset", "ring8", "--iterations", "100000", "--eval-every", "100000", "--log-every", "5",
+             "--checkpoint-every", "1000"]  # fmt: skip
+    processes, _ = start_agents(tmp_path, 2, flags)
+    assert wait_for_event(tmp_path / "node-0" / "agent.log", lambda e: e.get("iteration", 0) >= 20, 60)
+    stop_sent = time.monotonic()
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    assert wait_all(processes, timeout=30) == [0, 0]
+    assert time.monotonic() - stop_sent < 15
+    stopped = [load_checkpoint(tmp_path / f"node-{i}" / "checkpoint.safetensors") for i in range(2)]
+    assert all(c.iteration >= 20 for c in stopped)
+    assert not (tmp_path / "node-0" / "final.safetensors").exists()
+    # Resume both to a finite goal: they pick up from where they stopped (the same iteration in a pair,
+    # since a node cannot run a round ahead of its only neighbour's).
+    goal = max(c.iteration for c in stopped) + 10
+    resume = ["--dataset", "ring8", "--iterations", str(goal), "--eval-every", str(goal), "--resume"]
+    processes, _ = start_agents_again(tmp_path, processes, resume)
+    assert wait_all(processes, timeout=90) == [0, 0]
+    for i in range(2):
+        events = log_events(tmp_path / f"node-{i}" / "agent.log")
+        resumed = [e for e in events if e.get("event") == "resumed from checkpoint"]
+        assert resumed and resumed[0]["iteration"] == stopped[i].iteration
+        assert load_checkpoint(tmp_path / f"node-{i}" / "final.safetensors").iteration == goal
+
+
+def start_agents_again(tmp_path: Path, _old, flags: list[str]):
+    return start_agents(tmp_path, 2, flags)
