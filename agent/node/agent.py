@@ -2,8 +2,15 @@
 
 The lifecycle only wires parts together; the math lives in ``agent.core`` (the same functions the
 simulator calls, so a cluster of agents reproduces ``dpgan-agent simulate`` exactly), the wire in
-``agent.transport``. Training steps and mixing run in a worker thread so the gRPC server stays
-responsive while a step computes.
+``agent.transport``, peer knowledge in ``agent.node.peers``. Training steps and mixing run in a worker
+thread so the gRPC server stays responsive while a step computes.
+
+Membership (see docs/membership.md): founders that meet before training agree on the first view; after
+that views change only at boundaries (multiples of ``view_period``), where every node recomputes its
+view from the peers it knows to be alive and ready. A late joiner announces the boundary it will join
+at, fetches parameters and optimizer state from a member once that member reaches the boundary, and
+enters gossip there. Every pushed vector carries the epoch of its sender's view and is mixed only by
+receivers holding the same view.
 """
 
 from __future__ import annotations
@@ -29,25 +36,37 @@ from agent.core.algorithms import (
     needs_initial_gradient,
 )
 from agent.core.config import TrainConfig
-from agent.core.membership import Membership, PeerAction, PeerEvent, PeerHealth, on_peer_event
+from agent.core.membership import (
+    Membership,
+    PeerAction,
+    PeerEvent,
+    PeerHealth,
+    is_boundary,
+    join_iteration,
+    on_peer_event,
+    view_at_boundary,
+)
 from agent.core.mixing import mix_row, renormalized_row
 from agent.logs import get_logger
+from agent.node.peers import CandidateSource, PeerRegistry, StaticCandidates
 from agent.train.data import load_dataset, partition
 from agent.train.evaluate import Evaluator
 from agent.train.simulate import hyper_from, node_checkpoint, schedule_from
-from agent.train.workload import GanProblem, node_generator, resolve_device
-from agent.transport.client import HandshakeRefused, PeerClient, PeerUnavailable
-from agent.transport.codec import PeerIdentity, StateSnapshot, prepare_vector
+from agent.train.workload import GanProblem, NodeOperator, node_generator, resolve_device
+from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
+from agent.transport.client import PeerRpcError, PeerUnavailable
+from agent.transport.codec import PeerIdentity, StateSnapshot, WireError, prepare_vector
 from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES
 from agent.transport.server import GossipServer
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FINAL_NAME = "final.safetensors"
+STATE_POLL_SECONDS = 0.02
 
 
 class StopRequested(Exception):
-    """A stop signal arrived while the node was waiting inside a round."""
+    """A stop signal arrived while the node was waiting."""
 
 
 class AgentError(RuntimeError):
@@ -71,6 +90,10 @@ class AgentOptions:
     startup_timeout: float = 60.0
     max_missed_rounds: int = 3
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    min_peers: int | None = None  # None: every static peer (or 1 with discovery)
+    settle_seconds: float = 0.0  # founders wait this long without new peers before starting
+    view_period: int = 10
+    probe_interval: float = 1.0
 
 
 @dataclass
@@ -83,7 +106,9 @@ class Traffic:
 
 
 class PeerAgent:
-    def __init__(self, config: TrainConfig, options: AgentOptions) -> None:
+    def __init__(
+        self, config: TrainConfig, options: AgentOptions, source: CandidateSource | None = None
+    ) -> None:
         self.config = config
         self.options = options
         self.algorithm: AlgorithmName = check_algorithm(config.algorithm)
@@ -105,90 +130,200 @@ class PeerAgent:
             config_hash=config.config_hash(),
             config_json=json.dumps(config.cluster_dict(), sort_keys=True),
         )
+        self.source = source or StaticCandidates(options.peers)
+        self.registry = PeerRegistry(
+            self.identity, self.source, self._status, self.log, probe_interval=options.probe_interval
+        )
         self.inbox = Inbox(rounds_per_iteration=config.rounds)
         self.server = GossipServer(
             identity=self.identity,
             inbox=self.inbox,
             vector_length=self.problem.layout.numel,
+            handshake_policy=self._handshake_policy,
             state_provider=self._state_snapshot,
+            status_provider=self._status,
             host=options.listen_host,
             port=options.listen_port,
             device=self.device,
         )
-        self.clients: dict[str, PeerClient] = {}  # node id -> client
-        self.health: dict[str, PeerHealth] = {}
+        self.hyper = hyper_from(config)
         self.stop_requested = asyncio.Event()
         self.state: NodeState | None = None
         self.iteration = 0
+        self.ready_from: int | None = None
+        self.training = False
+        self.view = Membership.of([options.node_id])
+        self.index = 0
+        self.schedule = schedule_from(config, 1)
+        self.health: dict[str, PeerHealth] = {}
         self.stream = torch.Generator()
-        self.membership: Membership | None = None
+        self.operator: NodeOperator | None = None
+        self.boundary_state: tuple[int, NodeState] | None = None
+        self.mismatch_logged: set[tuple[str, int]] = set()
+
+    # ---- what peers see ----------------------------------------------------------------------------
+
+    def _status(self) -> pb.PeerStatus:
+        return pb.PeerStatus(
+            ready=self.ready_from is not None,
+            ready_from_iteration=self.ready_from or 0,
+            training=self.training,
+            iteration=self.iteration,
+            view_period=self.options.view_period,
+            members=list(self.view.node_ids) if self.training else [],
+        )
+
+    def _handshake_policy(self, request: pb.HandshakeRequest) -> tuple[bool, str]:
+        period = request.status.view_period
+        if period and period != self.options.view_period:
+            return False, f"view_period differs: local {self.options.view_period}, peer {period}"
+        return self.registry.on_inbound_handshake(request)
+
+    def _state_snapshot(self) -> StateSnapshot:
+        """The state at the latest view boundary: what a joiner entering at that boundary starts from."""
+        if self.boundary_state is None:
+            raise RuntimeError("this node has no training state yet")
+        iteration, state = self.boundary_state
+        tensors = dict(state.tensors()) | {"step": torch.tensor([float(state.step)])}
+        return StateSnapshot(iteration=iteration, round=0, tensors=tensors)
+
+    # ---- views -------------------------------------------------------------------------------------
+
+    def _set_view(self, view: Membership, iteration: int) -> None:
+        previous = self.view
+        self.view = view
+        self.index = view.index(self.options.node_id)
+        self.schedule = schedule_from(self.config, view.size)
+        shards = partition(
+            self.dataset,
+            view.size,
+            self.config.split,
+            seed=self.config.seed,
+            classes_per_node=self.config.classes_per_node,
+        )
+        self.operator = self.problem.node_operator(shards[self.index], self.stream)
+        self.health = {node_id: PeerHealth() for node_id in view.node_ids if node_id != self.options.node_id}
+        self.log.info(
+            "membership view",
+            iteration=iteration,
+            members=list(view.node_ids),
+            epoch=view.epoch,
+            joined=sorted(set(view.node_ids) - set(previous.node_ids)),
+            left=sorted(set(previous.node_ids) - set(view.node_ids)),
+        )
+
+    def _at_boundary(self, iteration: int) -> None:
+        assert self.state is not None
+        self.boundary_state = (iteration, self.state)
+        view = view_at_boundary(self.options.node_id, self.registry.usable_records(), iteration)
+        if view != self.view:
+            self._set_view(view, iteration)
+        else:
+            # Peers left out during the last period get another chance if probes found them alive.
+            for node_id in self.health:
+                if self.registry.records.get(node_id) and self.registry.records[node_id].alive:
+                    self.health[node_id] = PeerHealth()
 
     # ---- start-up ----------------------------------------------------------------------------------
 
-    async def _connect(self, address: str, deadline: float) -> tuple[str, PeerClient]:
-        client = PeerClient(address)
-        delay = 0.05
+    def _min_peers(self) -> int:
+        if self.options.min_peers is not None:
+            return self.options.min_peers
+        return len(self.options.peers) if isinstance(self.source, StaticCandidates) else 1
+
+    async def _await_peers(self) -> None:
+        needed = self._min_peers()
+        deadline = time.monotonic() + self.options.startup_timeout
+        self.registry.start()
+        while len(self.registry.alive()) < needed:
+            if time.monotonic() > deadline:
+                refusals = "; ".join(f"{a}: {r}" for a, r in self.registry.refusals.items())
+                raise AgentError(
+                    f"only {len(self.registry.alive())} of {needed} peers answered within "
+                    f"{self.options.startup_timeout:.0f} s" + (f" (refused: {refusals})" if refusals else "")
+                )
+            await self._until_stop(self.registry.wait_for_change(0.5))
+        if self.options.settle_seconds > 0:
+            # Founders that meet by discovery give late arrivals a moment so they start with one view.
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < self.options.settle_seconds:
+                before = set(self.registry.alive())
+                await self._until_stop(self.registry.wait_for_change(self.options.settle_seconds / 4))
+                if set(self.registry.alive()) != before:
+                    quiet_since = time.monotonic()
+
+    def _training_peers(self) -> list[tuple[str, pb.PeerStatus]]:
+        return [
+            (node_id, self.registry.remote_status[node_id])
+            for node_id in self.registry.alive()
+            if self.registry.remote_status.get(node_id) is not None
+            and self.registry.remote_status[node_id].training
+        ]
+
+    async def _found(self, members: list[str] | None = None) -> None:
+        """Start training with the peers present now (all of them founders too), or with the first
+        view of a founder that already started and counts this node in."""
+        start = 0
+        checkpoint_path = self.options.out / CHECKPOINT_NAME
+        checkpoint = None
+        if self.options.resume and checkpoint_path.exists():
+            checkpoint = load_checkpoint(checkpoint_path)
+            start = checkpoint.iteration
+        peers = [m for m in members if m != self.options.node_id] if members else self.registry.alive()
+        self.registry.mark_founders(peers, start)
+        view = Membership.of([self.options.node_id, *peers])
+        self.stream = node_generator(self.config.seed, view.index(self.options.node_id))
+        self._set_view(view, start)
+        if checkpoint is not None:
+            self._restore(checkpoint_path, checkpoint)
+        else:
+            assert self.operator is not None
+            needs_gradient = needs_initial_gradient(self.algorithm)
+            initial = await asyncio.to_thread(self.operator, self.problem.x0) if needs_gradient else None
+            self.state = initial_state(self.algorithm, self.problem.x0, initial)
+        self.iteration = start
+        self.ready_from = start
+        self.boundary_state = (start, self.state)  # type: ignore[assignment]
+        self.inbox.expect(start, 0)
+
+    async def _join(self, peers: list[tuple[str, pb.PeerStatus]]) -> None:
+        """Enter a running cluster at a future boundary with a member's parameters and optimizer state."""
+        source_id, source_status = max(peers, key=lambda item: item[1].iteration)
+        boundary = join_iteration(
+            source_status.iteration, self.options.view_period, 2 * self.options.view_period
+        )
+        self.ready_from = boundary
+        self.inbox.expect(boundary, 0)
+        await self.registry.refresh()  # tell every member now, not at its next probe
+        self.log.info("joining running cluster", at_iteration=boundary, state_from=source_id)
+        client = self.registry.clients[source_id]
         while True:
             try:
-                response = await client.handshake(self.identity, timeout=2.0)
-                return response.node_id, client
-            except HandshakeRefused as refused:
-                await client.close()
-                raise AgentError(f"peer {address} refused the handshake: {refused}") from refused
-            except PeerUnavailable:
-                if time.monotonic() > deadline:
-                    await client.close()
-                    raise AgentError(
-                        f"peer {address} unreachable for {self.options.startup_timeout:.0f} s"
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def connect_peers(self) -> Membership:
-        deadline = time.monotonic() + self.options.startup_timeout
-        results = await asyncio.gather(
-            *(self._connect(address, deadline) for address in self.options.peers), return_exceptions=True
+                snapshot = await self._until_stop(client.fetch_state(timeout=self.options.round_timeout))
+            except (PeerUnavailable, PeerRpcError, WireError) as error:
+                raise AgentError(f"could not fetch state from {source_id}: {error}") from error
+            if snapshot.iteration >= boundary:
+                break
+            await asyncio.sleep(STATE_POLL_SECONDS)
+        if snapshot.iteration > boundary:  # we were slow: enter at the boundary the member is at
+            boundary = snapshot.iteration
+            self.ready_from = boundary
+            self.inbox.expect(boundary, 0)
+        tensors = {name: tensor.to(self.device) for name, tensor in snapshot.tensors.items()}
+        step = int(tensors.pop("step").item()) if "step" in tensors else 0
+        self.state = NodeState(
+            x=tensors["x"],
+            direction=tensors.get("direction"),
+            moment1=tensors.get("moment1"),
+            moment2=tensors.get("moment2"),
+            step=step,
         )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        connected = [r for r in results if not isinstance(r, BaseException)]
-        for node_id, client in connected:
-            if node_id in self.clients:
-                errors.append(AgentError(f"two peer addresses answer as node {node_id!r}"))
-                await client.close()
-            else:
-                self.clients[node_id] = client
-        if errors:
-            raise AgentError("; ".join(str(e) for e in errors))
-        membership = Membership.of([self.options.node_id, *self.clients])
-        self.health = {node_id: PeerHealth() for node_id in self.clients}
-        self.log.info("membership formed", members=list(membership.node_ids), epoch=membership.epoch)
-        return membership
+        view = view_at_boundary(self.options.node_id, self.registry.usable_records(), boundary)
+        self.stream = node_generator(self.config.seed, view.index(self.options.node_id))
+        self.iteration = boundary
+        self.log.info("fetched state", iteration=boundary, source=source_id, members=list(view.node_ids))
 
-    def _prepare_training(self, membership: Membership) -> None:
-        config = self.config
-        index = membership.index(self.options.node_id)
-        shards = partition(
-            self.dataset,
-            membership.size,
-            config.split,
-            seed=config.seed,
-            classes_per_node=config.classes_per_node,
-        )
-        self.index = index
-        self.schedule = schedule_from(config, membership.size)
-        self.stream = node_generator(config.seed, index)
-        self.operator = self.problem.node_operator(shards[index], self.stream)
-        self.hyper = hyper_from(config)
-        checkpoint_path = self.options.out / CHECKPOINT_NAME
-        if self.options.resume and checkpoint_path.exists():
-            self._restore(checkpoint_path)
-            return
-        initial = self.operator(self.problem.x0) if needs_initial_gradient(self.algorithm) else None
-        self.state = initial_state(self.algorithm, self.problem.x0, initial)
-        self.iteration = 0
-
-    def _restore(self, path: Path) -> None:
-        checkpoint = load_checkpoint(path)
+    def _restore(self, path: Path, checkpoint: Any) -> None:
         if checkpoint.schema_hash != self.problem.layout.schema_hash():
             raise CheckpointError(
                 f"checkpoint {path} was written for a different model (schema hash differs)"
@@ -211,13 +346,7 @@ class PeerAgent:
         )
         if checkpoint.rng_state is not None:
             self.stream.set_state(checkpoint.rng_state)
-        self.iteration = checkpoint.iteration
-        self.inbox.expect(self.iteration, 0)
-        self.log.info("resumed from checkpoint", path=str(path), iteration=self.iteration)
-
-    def _state_snapshot(self) -> StateSnapshot:
-        assert self.state is not None
-        return StateSnapshot(iteration=self.iteration, round=0, tensors=self.state.tensors())
+        self.log.info("resumed from checkpoint", path=str(path), iteration=checkpoint.iteration)
 
     # ---- gossip ------------------------------------------------------------------------------------
 
@@ -228,19 +357,25 @@ class PeerAgent:
             self.log.warning(
                 "neighbour down; mixing without it", neighbour=node_id, cause=event.value, reason=reason
             )
+            if event is PeerEvent.UNREACHABLE:
+                self.registry.mark_dead(node_id, reason)
 
     async def _push(self, node_id: str, wire: Any, iteration: int, round_: int, traffic: Traffic) -> None:
-        client = self.clients[node_id]
+        client = self.registry.clients.get(node_id)
+        if client is None:
+            self._record(node_id, PeerEvent.UNREACHABLE, "no connection")
+            return
         sent_before = client.bytes_sent
         try:
             ack = await client.push_vector(
                 wire,
                 iteration=iteration,
                 round=round_,
+                epoch=self.view.epoch,
                 chunk_bytes=self.options.chunk_bytes,
                 timeout=self.options.round_timeout,
             )
-        except PeerUnavailable as error:
+        except (PeerUnavailable, PeerRpcError) as error:
             self._record(node_id, PeerEvent.UNREACHABLE, str(error))
             return
         finally:
@@ -266,11 +401,10 @@ class PeerAgent:
     async def _gossip_round(
         self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
     ) -> torch.Tensor:
-        assert self.membership is not None
-        membership = self.membership
+        view = self.view
         round_index = iteration * self.config.rounds + round_
         row = self.schedule.row(self.index, round_index)
-        neighbours = [membership.node_id(j) for j, _ in row if j != self.index]
+        neighbours = [view.node_id(j) for j, _ in row if j != self.index]
         live = [node_id for node_id in neighbours if self.health[node_id].alive]
         self.inbox.expect(iteration, round_)
         if not live:
@@ -279,20 +413,26 @@ class PeerAgent:
         received_before = self.server.bytes_received
         await asyncio.gather(*(self._push(node_id, wire, iteration, round_, traffic) for node_id in live))
         reachable = [node_id for node_id in live if self.health[node_id].alive]
-        received = await self._until_stop(
-            self.inbox.wait_for(iteration, round_, reachable, timeout=self.options.round_timeout)
+        messages = await self._until_stop(
+            self.inbox.wait_for_messages(iteration, round_, reachable, timeout=self.options.round_timeout)
         )
         traffic.bytes_received += self.server.bytes_received - received_before
+        received: dict[str, torch.Tensor] = {}
         for node_id in reachable:
-            if node_id in received:
-                self._record(node_id, PeerEvent.DELIVERED)
-            else:
+            message = messages.get(node_id)
+            if message is None:
                 self._record(node_id, PeerEvent.MISSED_DEADLINE)
+            elif message.epoch != view.epoch:
+                # Mixed under another view: leave it out of this round, but it is alive.
+                if (node_id, message.epoch) not in self.mismatch_logged:
+                    self.mismatch_logged.add((node_id, message.epoch))
+                    self.log.info("neighbour holds another view; not mixing with it", neighbour=node_id)
+            else:
+                self._record(node_id, PeerEvent.DELIVERED)
+                received[node_id] = message.vector
         traffic.participants.update(received)
-        present = {self.index} | {membership.index(node_id) for node_id in received}
-        vectors = {self.index: x} | {
-            membership.index(node_id): v.to(x.device) for node_id, v in received.items()
-        }
+        present = {self.index} | {view.index(node_id) for node_id in received}
+        vectors = {self.index: x} | {view.index(node_id): v.to(x.device) for node_id, v in received.items()}
         if len(present) < len(row):
             missing = sorted(set(neighbours) - set(received))
             self.log.info(
@@ -305,11 +445,11 @@ class PeerAgent:
 
     async def _iterate(self, iteration: int) -> Traffic | None:
         """One DPOSG iteration; None when a stop was requested at a round boundary."""
-        assert self.state is not None
+        assert self.state is not None and self.operator is not None
         traffic = Traffic()
         x = self.state.x
         started = time.perf_counter()
-        if self.membership is not None and self.membership.size > 1:
+        if self.view.size > 1:
             for round_ in range(self.config.rounds):
                 if self.stop_requested.is_set():
                     return None
@@ -334,7 +474,6 @@ class PeerAgent:
         config = self.config
         assert config.iterations is not None and config.eval_every is not None
         out = self.options.out
-        out.mkdir(parents=True, exist_ok=True)
         evaluator = Evaluator(self.dataset, config.eval_samples, config.seed)
         metrics_path = out / "metrics.jsonl"
         if not (self.options.resume and metrics_path.exists()):
@@ -342,7 +481,10 @@ class PeerAgent:
         started = time.perf_counter()
         totals = Traffic()
         record: dict[str, Any] = {}
+        self.training = True
         while self.iteration < config.iterations:
+            if is_boundary(self.iteration, self.options.view_period):
+                self._at_boundary(self.iteration)
             traffic = await self._iterate(self.iteration)
             if traffic is None:
                 break
@@ -352,6 +494,7 @@ class PeerAgent:
             totals.bytes_sent += traffic.bytes_sent
             totals.bytes_received += traffic.bytes_received
             k = self.iteration
+            assert self.operator is not None and self.state is not None
             if k % self.options.log_every == 0 or k == config.iterations:
                 self.log.info(
                     "iteration",
@@ -362,20 +505,22 @@ class PeerAgent:
                     bytes_sent=traffic.bytes_sent,
                     bytes_received=traffic.bytes_received,
                     neighbours=sorted(traffic.participants),
+                    members=self.view.size,
                 )
             if k % self.options.checkpoint_every == 0:
                 await asyncio.to_thread(self._checkpoint, CHECKPOINT_NAME)
             if k % config.eval_every == 0 or k == config.iterations:
-                assert self.state is not None
                 record = {
                     "iteration": k,
                     "node": self.options.node_id,
                     "wall_seconds": round(time.perf_counter() - started, 3),
                     "quality": await asyncio.to_thread(evaluator.evaluate, self.problem, self.state.x),
+                    "members": self.view.size,
                     **self.operator.losses(),
                 }
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
+        self.training = False
         finished = self.iteration >= config.iterations
         await asyncio.to_thread(self._checkpoint, CHECKPOINT_NAME)
         if finished:
@@ -386,7 +531,7 @@ class PeerAgent:
             "mode": "agent",
             "node": self.options.node_id,
             "index": self.index,
-            "members": list(self.membership.node_ids) if self.membership else [],
+            "members": list(self.view.node_ids),
             "iterations": self.iteration,
             "finished": finished,
             "wall_seconds": round(time.perf_counter() - started, 3),
@@ -404,20 +549,29 @@ class PeerAgent:
         return summary
 
     async def run(self) -> dict[str, Any]:
+        self.options.out.mkdir(parents=True, exist_ok=True)
         await self.server.start()
         self.log.info("listening", address=self.server.address, advertise=self.options.advertise)
         try:
-            self.membership = await self.connect_peers()
-            await asyncio.to_thread(self._prepare_training, self.membership)
+            await self._await_peers()
+            running = self._training_peers()
+            founding_view = next(
+                (list(s.members) for _, s in running if self.options.node_id in s.members), None
+            )
+            if running and founding_view is None:
+                await self._join(running)
+            else:
+                await self._found(founding_view)
             await self.server.set_serving(True)
             return await self.train()
+        except StopRequested:
+            self.log.info("stopped before training started")
+            return {"finished": False, "iterations": self.iteration, "final": {}}
         finally:
             await self.shutdown()
 
     async def shutdown(self) -> None:
         with contextlib.suppress(Exception):
             await self.server.set_serving(False)
-        for client in self.clients.values():
-            with contextlib.suppress(Exception):
-                await client.close()
+        await self.registry.stop()
         await self.server.stop(grace=1.0)

@@ -53,6 +53,21 @@ def agent_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="gossip stream chunk size"
     )
+    parser.add_argument(
+        "--min-peers",
+        type=int,
+        help="peers that must answer before training starts (default: all --peers, else 1)",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=None, help="seconds without new peers before founding"
+    )
+    parser.add_argument(
+        "--view-period",
+        type=int,
+        default=10,
+        help="iterations between membership-view boundaries (cluster-wide)",
+    )
+    parser.add_argument("--probe-interval", type=float, default=1.0, help="seconds between liveness probes")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     add_config_flags(parser)
     return parser
@@ -84,6 +99,12 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
     _positive(args.round_timeout, "--round-timeout")
     _positive(args.startup_timeout, "--startup-timeout")
     validate_chunk_bytes(args.chunk_bytes)
+    if args.min_peers is not None and args.min_peers < 0:
+        raise ValueError(f"--min-peers: must be >= 0, got {args.min_peers}")
+    _positive(args.view_period, "--view-period")
+    _positive(args.probe_interval, "--probe-interval")
+    if args.settle is not None and args.settle < 0:
+        raise ValueError(f"--settle: must be >= 0, got {args.settle}")
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in node_id)
     return AgentOptions(
         node_id=node_id,
@@ -98,6 +119,10 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         round_timeout=args.round_timeout,
         startup_timeout=args.startup_timeout,
         chunk_bytes=args.chunk_bytes,
+        min_peers=args.min_peers,
+        settle_seconds=args.settle if args.settle is not None else 0.0,
+        view_period=args.view_period,
+        probe_interval=args.probe_interval,
     )
 
 

@@ -135,7 +135,7 @@ class PeerClient:
         await self._channel.close()
 
     async def handshake(
-        self, identity: PeerIdentity, *, timeout: float | None = None
+        self, identity: PeerIdentity, *, timeout: float | None = None, status: pb.PeerStatus | None = None
     ) -> pb.HandshakeResponse:
         """Introduce `identity` to the peer; return the peer's response if both sides are compatible.
 
@@ -145,7 +145,7 @@ class PeerClient:
         """
         try:
             response: pb.HandshakeResponse = await self._stub.Handshake(
-                identity.handshake_request(), timeout=self._timeout(timeout)
+                identity.handshake_request(status), timeout=self._timeout(timeout)
             )
         except grpc.aio.AioRpcError as error:
             raise self._translate(error, "Handshake") from error

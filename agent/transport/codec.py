@@ -843,8 +843,9 @@ class PeerIdentity:
         if not self.node_id:
             raise ValueError("node_id must be non-empty")
 
-    def handshake_request(self) -> pb.HandshakeRequest:
+    def handshake_request(self, status: pb.PeerStatus | None = None) -> pb.HandshakeRequest:
         return pb.HandshakeRequest(
+            status=status,
             protocol_version=PROTOCOL_VERSION,
             node_id=self.node_id,
             advertise_address=self.advertise_address,
@@ -855,8 +856,11 @@ class PeerIdentity:
             agent_version=self.agent_version,
         )
 
-    def handshake_response(self, *, accepted: bool, reason: str) -> pb.HandshakeResponse:
+    def handshake_response(
+        self, *, accepted: bool, reason: str, status: pb.PeerStatus | None = None
+    ) -> pb.HandshakeResponse:
         return pb.HandshakeResponse(
+            status=status,
             accepted=accepted,
             reason=reason,
             node_id=self.node_id,

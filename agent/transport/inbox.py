@@ -53,6 +53,7 @@ class InboxMessage:
     iteration: int
     round: int
     vector: torch.Tensor
+    epoch: int = 0  # the sender's membership view (agent.core.membership.view_epoch)
 
     @property
     def position(self) -> Position:
@@ -83,7 +84,7 @@ class Inbox:
         self._rounds_per_iteration = rounds_per_iteration
         self._ahead_window = ahead_window
         self._position = self._validated(*start)
-        self._vectors: dict[Position, dict[str, torch.Tensor]] = {}
+        self._vectors: dict[Position, dict[str, InboxMessage]] = {}
         # Senders whose vector for a position was already handed out; a re-send is a duplicate, not new.
         self._taken: dict[Position, set[str]] = {}
         self._waiters: set[asyncio.Future[None]] = set()
@@ -152,13 +153,20 @@ class Inbox:
         outcome = self.classify(message.sender_id, message.iteration, message.round)
         self.outcome_counts[outcome] += 1
         if outcome.delivered:
-            self._vectors.setdefault(message.position, {})[message.sender_id] = message.vector
+            self._vectors.setdefault(message.position, {})[message.sender_id] = message
             self._wake_waiters()
         return outcome
 
     async def wait_for(
         self, iteration: int, round: int, senders: Iterable[str], timeout: float
     ) -> dict[str, torch.Tensor]:
+        """Like ``wait_for_messages`` but returns the vectors only."""
+        messages = await self.wait_for_messages(iteration, round, senders, timeout)
+        return {sender: message.vector for sender, message in messages.items()}
+
+    async def wait_for_messages(
+        self, iteration: int, round: int, senders: Iterable[str], timeout: float
+    ) -> dict[str, InboxMessage]:
         """Wait until every sender's vector for (iteration, round) arrived, or `timeout` seconds pass.
 
         Returns (and removes from the inbox) the vectors that did arrive, keyed by sender; missing
@@ -185,7 +193,7 @@ class Inbox:
             self._require_current(target)
         return self._take(target, wanted)
 
-    def _take(self, position: Position, senders: frozenset[str]) -> dict[str, torch.Tensor]:
+    def _take(self, position: Position, senders: frozenset[str]) -> dict[str, InboxMessage]:
         by_sender = self._vectors.get(position, {})
         taken = {sender: by_sender.pop(sender) for sender in senders if sender in by_sender}
         if not by_sender:

@@ -39,6 +39,7 @@ from agent.transport.options import DEFAULT_CHUNK_BYTES, server_options, validat
 
 HandshakePolicy = Callable[[pb.HandshakeRequest], tuple[bool, str]]
 StateProvider = Callable[[], StateSnapshot | Awaitable[StateSnapshot]]
+StatusProvider = Callable[[], pb.PeerStatus]
 
 _log = structlog.get_logger(__name__)
 
@@ -104,6 +105,7 @@ class GossipServer:
         vector_length: int,
         handshake_policy: HandshakePolicy | None = None,
         state_provider: StateProvider | None = None,
+        status_provider: StatusProvider | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         device: torch.device | str = "cpu",
@@ -118,6 +120,7 @@ class GossipServer:
         self._vector_length = vector_length
         self._handshake_policy = handshake_policy or default_handshake_policy(identity)
         self._state_provider = state_provider
+        self._status_provider = status_provider
         self._host = host
         self._requested_port = port
         self._device = device
@@ -283,7 +286,8 @@ class GossipServer:
             # A refused re-handshake revokes an earlier acceptance: the peer changed incompatibly.
             self._peers.pop(request.node_id, None)
             self._log_once(request.node_id or peer, "handshake_refused", reason)
-        return self._identity.handshake_response(accepted=accepted, reason=reason or "")
+        status = self._status_provider() if self._status_provider is not None else None
+        return self._identity.handshake_response(accepted=accepted, reason=reason or "", status=status)
 
     def _transport_refusal(self, request: pb.HandshakeRequest) -> str | None:
         """Checks no policy may override: without them the wire protocol itself cannot work."""
@@ -330,7 +334,9 @@ class GossipServer:
                         earliest=self._inbox.position,
                         latest=self._inbox.latest_accepted,
                         rounds_per_iteration=self._inbox.rounds_per_iteration,
-                        membership_epoch=known_peer.membership_epoch,
+                        # Any epoch is accepted here: the agent compares each vector's epoch with its
+                        # own view when it mixes (views change at boundaries, not at handshakes).
+                        membership_epoch=None,
                         device=self._device,
                     )
                 )
@@ -357,6 +363,7 @@ class GossipServer:
                 iteration=decoded.iteration,
                 round=decoded.round,
                 vector=decoded.vector,
+                epoch=decoded.membership_epoch,
             )
         )
         if outcome.delivered:
