@@ -80,3 +80,7 @@ def wait_for_event(path: Path, predicate, timeout: float) -> dict | None:
                     return event
         time.sleep(0.1)
     return None
+
+
+def events_named(path: Path, name: str) -> list[dict]:
+    return [event for event in log_events(path) if event.get("event") == name]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,15 @@ import torch
 
 from agent.checkpoint import load_checkpoint
 from agent.cli import main
-from tests.agents import EQUIVALENCE_FLAGS, log_events, start_agents, wait_all, wait_for_event
+from tests.agents import (
+    EQUIVALENCE_FLAGS,
+    events_named,
+    free_ports,
+    log_events,
+    start_agents,
+    wait_all,
+    wait_for_event,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,3 +102,28 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
 
 def start_agents_again(tmp_path: Path, _old, flags: list[str]):
     return start_agents(tmp_path, 2, flags)
+
+
+def test_late_joiner_fetches_state_and_is_integrated(tmp_path: Path) -> None:
+    flags = ["--dataset", "ring8", "--iterations", "600", "--eval-every", "600", "--eval-samples", "200",
+             "--log-every", "10", "--round-timeout", "3"]  # fmt: skip
+    founders, addresses = start_agents(tmp_path, 3, flags)
+    assert wait_for_event(tmp_path / "node-0" / "agent.log", lambda e: e.get("iteration", 0) >= 50, 60)
+    joiner_dir = tmp_path / "node-3"
+    joiner_dir.mkdir()
+    joiner_port = free_ports(1)[0]
+    joiner = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--listen", f"127.0.0.1:{joiner_port}", "--node-id", "node-3",
+         "--peers", ",".join(addresses), "--out", str(joiner_dir), "--log-format", "json", *flags],
+        stdout=(joiner_dir / "agent.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert wait_all([*founders, joiner], timeout=150) == [0, 0, 0, 0]
+    joined = events_named(joiner_dir / "agent.log", "fetched state")
+    assert joined and joined[0]["iteration"] >= 50, "the joiner starts from the cluster's state, not from 0"
+    assert load_checkpoint(joiner_dir / "final.safetensors").iteration == 600
+    for i in range(3):
+        views = events_named(tmp_path / f"node-{i}" / "agent.log", "membership view")
+        assert any(e["joined"] == ["node-3"] and len(e["members"]) == 4 for e in views), f"node-{i} missed it"
+    # Once in, the joiner mixes with its neighbours: its late iterations name them as participants.
+    late = [e for e in events_named(joiner_dir / "agent.log", "iteration") if e["iteration"] > 500]
+    assert late and all(e["neighbours"] for e in late)
