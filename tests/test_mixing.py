@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agent.core.engine import gossip
-from agent.core.mixing import MixingError, mix_all, mix_row, renormalized_row
+from agent.core.mixing import MixingError, mix_all, mix_row, renormalized_row, row_for_round
 from agent.core.topology import TOPOLOGY_NAMES, make_schedule
 
 
@@ -87,3 +87,31 @@ def test_renormalized_row_drops_absent_neighbours() -> None:
     assert renormalized_row(row, {0, 5}) == ((0, 0.5), (5, 0.5))
     with pytest.raises(MixingError, match="no positive weight"):
         renormalized_row(row, {7})
+
+
+def test_a_round_mixes_only_neighbours_of_the_same_view() -> None:
+    """Nodes whose views differ for a moment leave each other out; every mixed vector stays a convex
+    combination of vectors of its own view, so no node's parameters are scaled or corrupted."""
+    ring = make_schedule("ring", 4)
+    states = torch.randn(4, 100, dtype=torch.float64)
+    epochs = {0: 111, 1: 111, 2: 222, 3: 222}  # nodes 0,1 hold one view; 2,3 another
+    for i in range(4):
+        row = ring.row(i, 0)
+        arrived = {j: epochs[j] for j, _ in row if j != i}
+        mixed_row, missing, other_view = row_for_round(row, i, arrived, epochs[i])
+        assert missing == []
+        assert sorted(other_view) == sorted(j for j, _ in row if j != i and epochs[j] != epochs[i])
+        assert all(epochs[j] == epochs[i] for j, _ in mixed_row)
+        assert sum(w for _, w in mixed_row) == pytest.approx(1.0)
+        result = mix_row(mixed_row, dict(enumerate(states)))
+        same_view = states[[j for j, _ in mixed_row]]
+        assert torch.all(result <= same_view.max(0).values + 1e-12)
+        assert torch.all(result >= same_view.min(0).values - 1e-12)
+
+
+def test_full_row_is_kept_when_everyone_delivered_in_the_same_view() -> None:
+    row = make_schedule("ring", 5).row(2, 0)
+    mixed_row, missing, other_view = row_for_round(row, 2, {1: 7, 3: 7}, 7)
+    assert mixed_row == tuple(sorted(row)) and missing == [] and other_view == []
+    mixed_row, missing, _ = row_for_round(row, 2, {1: 7}, 7)
+    assert missing == [3] and [j for j, _ in mixed_row] == [1, 2]

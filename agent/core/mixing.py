@@ -88,3 +88,22 @@ def renormalized_row(row: Row, present: set[int]) -> tuple[tuple[int, float], ..
             f"no positive weight left in mixing row after dropping absent nodes (present={present})"
         )
     return tuple((j, w / total) for j, w in kept)
+
+
+def row_for_round(
+    row: Row, own_index: int, arrived_epochs: dict[int, int], epoch: int
+) -> tuple[tuple[tuple[int, float], ...], list[int], list[int]]:
+    """The row a node actually mixes with in one round, under the view-epoch rule.
+
+    ``arrived_epochs`` maps each neighbour whose vector arrived to the epoch it was mixed under. Only
+    neighbours of the node's own ``epoch`` are mixed; the row is renormalised over them and the node
+    itself, so it still sums to 1 and every mixed vector stays a convex combination of vectors of one
+    view. Returns the row, the neighbours that did not deliver, and those holding another view.
+    """
+    members = [j for j, _ in row if j != own_index]
+    missing = [j for j in members if j not in arrived_epochs]
+    other_view = [j for j in members if j in arrived_epochs and arrived_epochs[j] != epoch]
+    present = {own_index} | {j for j in members if arrived_epochs.get(j) == epoch}
+    if len(present) == len(row):
+        return tuple(sorted(row)), missing, other_view
+    return renormalized_row(row, present), missing, other_view

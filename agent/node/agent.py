@@ -46,7 +46,7 @@ from agent.core.membership import (
     on_peer_event,
     view_at_boundary,
 )
-from agent.core.mixing import mix_row, renormalized_row
+from agent.core.mixing import mix_row, renormalized_row, row_for_round
 from agent.logs import get_logger
 from agent.node.peers import CandidateSource, PeerRegistry, StaticCandidates
 from agent.train.data import load_dataset, partition
@@ -417,28 +417,29 @@ class PeerAgent:
             self.inbox.wait_for_messages(iteration, round_, reachable, timeout=self.options.round_timeout)
         )
         traffic.bytes_received += self.server.bytes_received - received_before
-        received: dict[str, torch.Tensor] = {}
+        arrived = {view.index(n): m.epoch for n, m in messages.items()}
+        row, missing, other_view = row_for_round(row, self.index, arrived, view.epoch)
         for node_id in reachable:
-            message = messages.get(node_id)
-            if message is None:
+            j = view.index(node_id)
+            if j in missing:
                 self._record(node_id, PeerEvent.MISSED_DEADLINE)
-            elif message.epoch != view.epoch:
-                # Mixed under another view: leave it out of this round, but it is alive.
-                if (node_id, message.epoch) not in self.mismatch_logged:
-                    self.mismatch_logged.add((node_id, message.epoch))
+            elif j in other_view:
+                # Mixed under another view: left out of this round, but it is alive.
+                if (node_id, messages[node_id].epoch) not in self.mismatch_logged:
+                    self.mismatch_logged.add((node_id, messages[node_id].epoch))
                     self.log.info("neighbour holds another view; not mixing with it", neighbour=node_id)
             else:
                 self._record(node_id, PeerEvent.DELIVERED)
-                received[node_id] = message.vector
-        traffic.participants.update(received)
-        present = {self.index} | {view.index(node_id) for node_id in received}
-        vectors = {self.index: x} | {view.index(node_id): v.to(x.device) for node_id, v in received.items()}
-        if len(present) < len(row):
-            missing = sorted(set(neighbours) - set(received))
+        vectors = {self.index: x} | {
+            j: messages[view.node_id(j)].vector.to(x.device) for j, _ in row if j != self.index
+        }
+        traffic.participants.update(view.node_id(j) for j, _ in row if j != self.index)
+        # Neighbours already marked down were logged once when they went down.
+        left_out = sorted(n for n in reachable if view.index(n) in missing or view.index(n) in other_view)
+        if left_out:
             self.log.info(
-                "round mixed without neighbours", iteration=iteration, round=round_, missing=missing
+                "round mixed without neighbours", iteration=iteration, round=round_, missing=left_out
             )
-            row = renormalized_row(row, present)
         return await asyncio.to_thread(mix_row, row, vectors)
 
     # ---- training ----------------------------------------------------------------------------------
