@@ -32,7 +32,8 @@ def main() -> None:
         command = [
             sys.executable, "-m", "agent.cli", "--local", str(args.nodes), "--out", str(out),
             "--dataset", args.dataset, "--iterations", str(args.iterations), "--rounds", str(args.rounds),
-            "--eval-every", str(args.iterations), "--eval-samples", "500", "--log-every", str(args.iterations),
+            "--eval-every", str(args.iterations), "--eval-samples", "500",
+            "--log-every", str(args.iterations),
         ] + (["--width", str(args.width)] if args.width else [])  # fmt: skip
         started = time.perf_counter()
         subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
