@@ -124,7 +124,13 @@ def build_discovery(
             ) from None
         sources.append(
             MdnsDiscovery(
-                node_id, host, port, txt, interfaces, service_type=service_type, log=log.bind(discovery=SOURCE_MDNS)
+                node_id,
+                host,
+                port,
+                txt,
+                interfaces,
+                service_type=service_type,
+                log=log.bind(discovery=SOURCE_MDNS),
             )
         )
     if peers:

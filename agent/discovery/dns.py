@@ -47,7 +47,9 @@ class DnsPeers:
         log: Any | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
-            raise ValueError(f"DNS re-resolve interval and timeout must be positive, got {interval}, {timeout}")
+            raise ValueError(
+                f"DNS re-resolve interval and timeout must be positive, got {interval}, {timeout}"
+            )
         self._targets = [parse_address(name, default_port=default_port, what="DNS name") for name in names]
         self._exclude = [parse_address(address, what="own address") for address in exclude]
         self.interval = interval

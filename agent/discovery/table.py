@@ -138,11 +138,10 @@ class PeerTable:
                 self._own_addresses.add(address)
                 self.log.info("address is this node itself; ignoring it", address=address)
             return
-        previous_owner = self._node_at.get(address)
-        if previous_owner is not None and previous_owner != node_id:
-            # The address now belongs to another node (a restart reused it).
-            if self._confirmed.get(previous_owner) == address:
-                del self._confirmed[previous_owner]
+        previous_owner = self._node_at.get(address, node_id)
+        # The address now belongs to another node (a restart reused it): the old owner is not there.
+        if previous_owner != node_id and self._confirmed.get(previous_owner) == address:
+            del self._confirmed[previous_owner]
         self._node_at[address] = node_id
         self._confirmed[node_id] = address
 

@@ -47,6 +47,7 @@ from agent.core.membership import (
     view_at_boundary,
 )
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
+from agent.discovery import PeerTable, build_discovery
 from agent.logs import get_logger
 from agent.node.peers import CandidateSource, PeerRegistry, StaticCandidates
 from agent.train.data import load_dataset, partition
@@ -55,7 +56,7 @@ from agent.train.simulate import hyper_from, node_checkpoint, schedule_from
 from agent.train.workload import GanProblem, NodeOperator, node_generator, resolve_device
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
-from agent.transport.codec import PeerIdentity, StateSnapshot, WireError, prepare_vector
+from agent.transport.codec import PROTOCOL_VERSION, PeerIdentity, StateSnapshot, WireError, prepare_vector
 from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES
 from agent.transport.server import GossipServer
@@ -94,6 +95,10 @@ class AgentOptions:
     settle_seconds: float = 0.0  # founders wait this long without new peers before starting
     view_period: int = 10
     probe_interval: float = 1.0
+    mdns: bool = False
+    dns_names: tuple[str, ...] = ()
+    dns_interval: float = 5.0
+    interfaces: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -130,7 +135,7 @@ class PeerAgent:
             config_hash=config.config_hash(),
             config_json=json.dumps(config.cluster_dict(), sort_keys=True),
         )
-        self.source = source or StaticCandidates(options.peers)
+        self.source = source or self._discovery()
         self.registry = PeerRegistry(
             self.identity, self.source, self._status, self.log, probe_interval=options.probe_interval
         )
@@ -160,6 +165,27 @@ class PeerAgent:
         self.operator: NodeOperator | None = None
         self.boundary_state: tuple[int, NodeState] | None = None
         self.mismatch_logged: set[tuple[str, int]] = set()
+
+    def _discovery(self) -> CandidateSource:
+        options = self.options
+        if not options.mdns and not options.dns_names:
+            return StaticCandidates(options.peers)
+        return build_discovery(
+            node_id=options.node_id,
+            advertise=options.advertise,
+            listen_port=options.listen_port,
+            peers=options.peers,
+            dns_names=options.dns_names,
+            mdns=options.mdns,
+            interfaces=options.interfaces,
+            txt={
+                "proto": str(PROTOCOL_VERSION),
+                "schema": self.identity.schema_hash,
+                "config": self.identity.config_hash,
+            },
+            dns_interval=options.dns_interval,
+            log=self.log,
+        )
 
     # ---- what peers see ----------------------------------------------------------------------------
 
@@ -553,6 +579,8 @@ class PeerAgent:
         self.options.out.mkdir(parents=True, exist_ok=True)
         await self.server.start()
         self.log.info("listening", address=self.server.address, advertise=self.options.advertise)
+        if isinstance(self.source, PeerTable):
+            await self.source.start()
         try:
             await self._await_peers()
             running = self._training_peers()
@@ -575,4 +603,6 @@ class PeerAgent:
         with contextlib.suppress(Exception):
             await self.server.set_serving(False)
         await self.registry.stop()
+        if isinstance(self.source, PeerTable):
+            await self.source.stop()  # sends the mDNS goodbye
         await self.server.stop(grace=1.0)

@@ -15,6 +15,7 @@ import torch
 from agent.configfile import add_config_flags, config_from_args
 from agent.core.membership import MembershipError, check_node_id
 from agent.logs import configure_logging, get_logger
+from agent.node.addresses import resolve_advertise
 from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
 
 EXIT_USAGE = 2
@@ -68,6 +69,22 @@ def agent_parser() -> argparse.ArgumentParser:
         help="iterations between membership-view boundaries (cluster-wide)",
     )
     parser.add_argument("--probe-interval", type=float, default=1.0, help="seconds between liveness probes")
+    parser.add_argument(
+        "--discovery",
+        choices=("mdns", "none"),
+        help="mdns: advertise and browse _dpgan._tcp.local. (default when neither --peers nor --dns-name)",
+    )
+    parser.add_argument(
+        "--dns-name",
+        action="append",
+        default=[],
+        help="name[:port] re-resolved for peers (compose service, k8s headless Service); repeatable",
+    )
+    parser.add_argument("--dns-interval", type=float, default=5.0, help="seconds between DNS re-resolutions")
+    parser.add_argument(
+        "--interface",
+        help="interface name or IPv4 address to advertise and to run mDNS on (multi-homed hosts)",
+    )
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     add_config_flags(parser)
     return parser
@@ -82,7 +99,7 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
     from agent.node.agent import AgentOptions
 
     host, port = split_host_port(args.listen, "--listen")
-    advertise = args.advertise or (f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else args.listen)
+    advertise = resolve_advertise(args.advertise, host, port, args.interface)
     split_host_port(advertise, "--advertise")
     if port == 0 and not args.advertise:
         raise ValueError("--listen with port 0 needs --advertise (peers must know the port)")
@@ -105,6 +122,9 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
     _positive(args.probe_interval, "--probe-interval")
     if args.settle is not None and args.settle < 0:
         raise ValueError(f"--settle: must be >= 0, got {args.settle}")
+    dns_names = tuple(name.strip() for value in args.dns_name for name in value.split(",") if name.strip())
+    mdns = args.discovery == "mdns" or (args.discovery is None and not peers and not dns_names)
+    _positive(args.dns_interval, "--dns-interval")
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in node_id)
     return AgentOptions(
         node_id=node_id,
@@ -120,6 +140,10 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         startup_timeout=args.startup_timeout,
         chunk_bytes=args.chunk_bytes,
         min_peers=args.min_peers,
+        mdns=mdns,
+        dns_names=dns_names,
+        dns_interval=args.dns_interval,
+        interfaces=(args.interface,) if args.interface else None,
         settle_seconds=args.settle if args.settle is not None else 0.0,
         view_period=args.view_period,
         probe_interval=args.probe_interval,
