@@ -1,24 +1,30 @@
 """Network namespaces on a private Linux bridge: N "hosts" on one LAN, for multi-host tests on one machine.
 
-Each host is a network namespace with ``lo`` up and one interface ``eth0`` (a veth) addressed in a /24.
-The other end of every veth is a port of bridge ``br0``, which lives in its own "switch" namespace, so
-nothing is added to the machine's own network namespace (unless ``attach_root=True``) and deleting the
-namespaces removes every link. Multicast (mDNS) crosses the bridge like on a real LAN; with IGMP
-snooping off, every port gets every group. Names carry this process's pid and a random tag, so
-concurrent runs never collide, and namespaces left by a killed run are removed by the next one.
+Each host is a network namespace with ``lo`` up and one interface ``eth0`` (a veth) addressed in a /24,
+plus a route for multicast. The other end of every veth is a port of bridge ``br0``, which lives in its
+own "switch" namespace, so nothing is added to the machine's own namespace (unless ``attach_root=True``)
+and deleting the namespaces removes every link. Multicast (mDNS) crosses the bridge like on a real LAN.
+Names carry this process's pid and a random tag, so concurrent runs never collide, and namespaces left
+by a killed run are removed by the next one (``remove_stale_namespaces``).
 
 Usage::
 
     with NetnsCluster(3) as cluster:              # hosts h0, h1, h2 at 10.77.0.11, .12, .13
-        server = cluster.popen("h0", [sys.executable, "-m", "agent.cli", ...], stdout=subprocess.PIPE)
-        result = cluster.exec("h1", ["ping", "-c1", cluster.host("h0").address])
-        cluster.set_rate("h1", 20)                 # 20 Mbit/s each way on h1's link
-        cluster.multicast(False)                   # mDNS no longer crosses the bridge
+        agent = cluster.popen("h0", [sys.executable, "-m", "agent.cli", ...], cwd=repo, stdout=PIPE)
+        result = cluster.exec("h1", [sys.executable, "-c", "..."])   # CompletedProcess, text output
+        cluster.set_rate("h1", 20)                 # 20 Mbit/s token bucket each way on h1's link
+        cluster.multicast(False)                   # mDNS stops crossing the bridge; unicast still does
         cluster.link("h2", up=False)               # h2 drops off the LAN (a partition, not a crash)
+        cluster.set_names("h0", {"dpgan": ["10.77.0.11", "10.77.0.12"]})  # a per-namespace /etc/hosts
 
-or, in pytest, the ``netns_cluster`` fixture (``from tests.netns import netns_cluster``) gives a factory
-whose clusters are torn down after the test; tests using it should be marked ``multihost``. It skips the
-test when namespaces cannot be built here (not root, no ``ip``, no permission).
+Commands run with ``ip netns exec``: the same file system, environment and Python, only the network
+differs (so pass ``cwd``/``PYTHONPATH`` for code from the checkout). ``close()`` (or leaving the
+``with``) kills whatever still runs in the namespaces, then deletes them.
+
+In pytest, ``pytest_plugins = ["tests.netns"]`` (in the test module or the root conftest) provides the
+``netns_cluster`` fixture: ``netns_cluster(3, subnet=...)`` builds a cluster that is torn down after the
+test, even a failing one, and skips the test where namespaces cannot be built (not root, no ``ip``).
+Mark such tests ``multihost``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -41,6 +48,8 @@ import pytest
 NAMESPACE_PREFIX = "dpgtest"
 _NAMESPACE_PATTERN = re.compile(rf"^{NAMESPACE_PREFIX}-(\d+)-[0-9a-f]+-")
 HOST_INTERFACE = "eth0"
+# `ip netns exec NS` bind-mounts each file under /etc/netns/NS/ over its namesake in /etc.
+PER_NAMESPACE_ETC = Path("/etc/netns")
 BRIDGE = "br0"
 COMMAND_TIMEOUT_S = 30.0
 
@@ -67,6 +76,15 @@ def _run(argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT_S) -> subproce
     if result.returncode != 0:
         raise NetnsError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def _ip(namespace: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ip`` in ``namespace`` (None: this process's own namespace)."""
+    return _run(["ip", *(["-n", namespace] if namespace is not None else []), *args])
+
+
+def _tc(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return _run(["ip", "netns", "exec", namespace, "tc", *args])
 
 
 def netns_unavailable_reason() -> str | None:
@@ -106,6 +124,11 @@ def remove_stale_namespaces() -> list[str]:
             with contextlib.suppress(NetnsError, subprocess.TimeoutExpired):
                 _run(["ip", "netns", "del", name])
                 removed.append(name)
+    if PER_NAMESPACE_ETC.is_dir():
+        for folder in PER_NAMESPACE_ETC.iterdir():
+            match = _NAMESPACE_PATTERN.match(folder.name)
+            if match and not _pid_alive(int(match.group(1))):
+                shutil.rmtree(folder, ignore_errors=True)
     return removed
 
 
@@ -172,36 +195,46 @@ class NetnsCluster:
     def _build(self) -> None:
         switch = self.switch_namespace
         self._add_namespace(switch)
-        _run(["ip", "-n", switch, "link", "add", BRIDGE, "type", "bridge"])
+        _ip(switch, "link", "add", BRIDGE, "type", "bridge")
         # Snooping would stop flooding groups nobody joined via IGMP; mDNS must reach every port.
-        _run(["ip", "-n", switch, "link", "set", BRIDGE, "type", "bridge", "mcast_snooping", "0"])
-        _run(["ip", "-n", switch, "link", "set", BRIDGE, "up"])
+        _ip(switch, "link", "set", BRIDGE, "type", "bridge", "mcast_snooping", "0")
+        _ip(switch, "link", "set", BRIDGE, "up")
         for host in self.hosts:
             self._add_namespace(host.namespace)
-            _run(["ip", "-n", host.namespace, "link", "set", "lo", "up"])
+            _ip(host.namespace, "link", "set", "lo", "up")
             # Created inside the switch namespace so the port names never clash with the machine's.
-            _run(
-                ["ip", "-n", switch, "link", "add", host.switch_port, "type", "veth"]
-                + ["peer", "name", HOST_INTERFACE, "netns", host.namespace]
+            _ip(
+                switch,
+                "link",
+                "add",
+                host.switch_port,
+                "type",
+                "veth",
+                "peer",
+                HOST_INTERFACE,
+                "netns",
+                host.namespace,
             )
-            _run(["ip", "-n", switch, "link", "set", host.switch_port, "master", BRIDGE, "up"])
-            cidr = f"{host.address}/{host.prefix_length}"
-            _run(["ip", "-n", host.namespace, "addr", "add", cidr, "dev", HOST_INTERFACE])
-            _run(["ip", "-n", host.namespace, "link", "set", HOST_INTERFACE, "up"])
+            _ip(switch, "link", "set", host.switch_port, "master", BRIDGE, "up")
+            _ip(host.namespace, "addr", "add", f"{host.address}/{host.prefix_length}", "dev", HOST_INTERFACE)
+            _ip(host.namespace, "link", "set", HOST_INTERFACE, "up")
             # Without a default route a socket that does not pick an interface cannot send to a group.
-            _run(["ip", "-n", host.namespace, "route", "add", "224.0.0.0/4", "dev", HOST_INTERFACE])
+            _ip(host.namespace, "route", "add", "224.0.0.0/4", "dev", HOST_INTERFACE)
         if self.root_interface is not None:
-            _run(
-                ["ip", "link", "add", self.root_interface, "type", "veth"]
-                + ["peer", "name", "rootport", "netns", switch]
+            _ip(None, "link", "add", self.root_interface, "type", "veth", "peer", "rootport", "netns", switch)
+            _ip(switch, "link", "set", "rootport", "master", BRIDGE, "up")
+            _ip(
+                None,
+                "addr",
+                "add",
+                f"{self.root_address}/{self.network.prefixlen}",
+                "dev",
+                self.root_interface,
             )
-            _run(["ip", "-n", switch, "link", "set", "rootport", "master", BRIDGE, "up"])
-            cidr = f"{self.root_address}/{self.network.prefixlen}"
-            _run(["ip", "addr", "add", cidr, "dev", self.root_interface])
-            _run(["ip", "link", "set", self.root_interface, "up"])
+            _ip(None, "link", "set", self.root_interface, "up")
 
     def _add_namespace(self, name: str) -> None:
-        _run(["ip", "netns", "add", name])
+        _ip(None, "netns", "add", name)
         self._created_namespaces.append(name)
 
     def close(self) -> None:
@@ -213,18 +246,19 @@ class NetnsCluster:
         for name in self._created_namespaces:
             # Grandchildren of popen'd commands would keep a namespace (and its veth) alive.
             with contextlib.suppress(NetnsError, OSError, subprocess.TimeoutExpired):
-                for pid_text in _run(["ip", "netns", "pids", name]).stdout.split():
+                for pid_text in _ip(None, "netns", "pids", name).stdout.split():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid_text), signal.SIGKILL)
         if self.root_interface is not None:
             with contextlib.suppress(NetnsError, OSError, subprocess.TimeoutExpired):
-                _run(["ip", "link", "del", self.root_interface])
+                _ip(None, "link", "del", self.root_interface)
         errors = []
         for name in reversed(self._created_namespaces):
             try:
-                _run(["ip", "netns", "del", name])
+                _ip(None, "netns", "del", name)
             except (NetnsError, OSError, subprocess.TimeoutExpired) as error:
                 errors.append(str(error))
+            shutil.rmtree(PER_NAMESPACE_ETC / name, ignore_errors=True)
         self._created_namespaces.clear()
         if errors:
             raise NetnsError("teardown left namespaces behind: " + "; ".join(errors))
@@ -294,14 +328,12 @@ class NetnsCluster:
             if mbit is None:
                 # Deleting the root qdisc when none was added is an error we do not care about.
                 with contextlib.suppress(NetnsError):
-                    _run(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", interface, "root"])
+                    _tc(namespace, "qdisc", "del", "dev", interface, "root")
                 continue
             if mbit <= 0:
                 raise ValueError(f"rate must be positive, got {mbit} Mbit/s")
-            _run(
-                ["ip", "netns", "exec", namespace, "tc", "qdisc", "replace", "dev", interface, "root", "tbf"]
-                + ["rate", f"{mbit}mbit", "burst", f"{burst_kbit}kbit", "latency", f"{latency_ms}ms"]
-            )
+            shape = ["rate", f"{mbit}mbit", "burst", f"{burst_kbit}kbit", "latency", f"{latency_ms}ms"]
+            _tc(namespace, "qdisc", "replace", "dev", interface, "root", "tbf", *shape)
 
     def multicast(self, enabled: bool, hosts: Sequence[Host | str] | None = None) -> None:
         """Let multicast (mDNS) reach the given hosts (default: all), or stop the bridge flooding it to
@@ -311,10 +343,28 @@ class NetnsCluster:
             port = self.host(host).switch_port
             _run(["bridge", "-n", self.switch_namespace, "link", "set", "dev", port, "mcast_flood", state])
 
+    def set_names(self, host: Host | str, names: Mapping[str, Sequence[str]]) -> None:
+        """Make ``names`` (name -> addresses) resolve inside the host's namespace, as a compose service
+        or a Kubernetes headless Service would; an empty mapping leaves only ``localhost``.
+
+        This writes the namespace's own hosts file, ``/etc/netns/<namespace>/hosts``, which ``ip netns
+        exec`` mounts over ``/etc/hosts``; the machine's ``/etc/hosts`` is never touched. Processes started
+        before the first call for a host do not see the file; later calls rewrite it in place, so
+        running processes see every change at their next lookup.
+        """
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{address} {name}" for name, addresses in names.items() for address in addresses]
+        path = PER_NAMESPACE_ETC / self.host(host).namespace / "hosts"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Truncate and write rather than replace: the mounts in running processes pin the inode.
+        with path.open("a+") as hosts_file:
+            hosts_file.truncate(0)
+            hosts_file.write("\n".join(lines) + "\n")
+
     def link(self, host: Host | str, *, up: bool) -> None:
         """Take the host's bridge port down or up: the host vanishes from the LAN without any goodbye."""
         port = self.host(host).switch_port
-        _run(["ip", "-n", self.switch_namespace, "link", "set", port, "up" if up else "down"])
+        _ip(self.switch_namespace, "link", "set", port, "up" if up else "down")
 
 
 def _stop_process(process: subprocess.Popen[Any]) -> None:

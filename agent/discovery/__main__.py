@@ -43,7 +43,10 @@ def _txt_pair(text: str) -> tuple[str, str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(prog="python -m agent.discovery", description=__doc__.split("\n\n")[0])
+    result = argparse.ArgumentParser(
+        prog="python -m agent.discovery",
+        description="Run discovery alone and print what it finds as JSON lines, to check a network.",
+    )
     result.add_argument("--node-id", required=True)
     result.add_argument("--advertise", required=True, help="host:port peers dial (IPv4 host for mDNS)")
     result.add_argument("--peers", default="", help="comma-separated static host:port list")
@@ -78,6 +81,7 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     _emit("starting", node_id=args.node_id)
     await table.start()
+    stopping = asyncio.create_task(stop.wait())
     try:
         _emit("started", node_id=args.node_id)
         deadline = loop.time() + args.duration
@@ -87,9 +91,13 @@ async def run(args: argparse.Namespace) -> None:
             if current != last:
                 _emit("candidates", candidates=current)
                 last = current
-            # Short waits keep a stop signal prompt; a change wakes the wait at once anyway.
-            await table.wait_for_change(max(0.0, min(0.2, deadline - loop.time())))
+            remaining = min(deadline - loop.time(), 3600.0)
+            changed = asyncio.create_task(table.wait_for_change(max(0.0, remaining)))
+            # Either wakes us: a signal must not wait for the next change.
+            await asyncio.wait({changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
     finally:
+        stopping.cancel()
         await table.stop()
     _emit("stopped", node_id=args.node_id)
 

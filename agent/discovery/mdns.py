@@ -184,7 +184,7 @@ def resolve_interfaces(items: Sequence[str]) -> list[str]:
 class MdnsDiscovery:
     """Advertise ``node_id`` at ``advertise_host:port`` with ``txt`` and browse for the same service.
 
-    ``interfaces`` (names or IPv4 addresses) limits where mDNS runs; None means every interface.
+    ``interfaces`` (names or IPv4 addresses) limits where mDNS runs; None or empty: every interface.
     ``service_type`` other than the default separates unrelated groups on one LAN (tests use it).
     """
 
@@ -222,7 +222,7 @@ class MdnsDiscovery:
         self.advertise_host = str(address)
         self.port = port
         self.txt = check_txt({**txt, TXT_NODE_ID: node_id})
-        self.interfaces = resolve_interfaces(interfaces) if interfaces is not None else None
+        self.interfaces = resolve_interfaces(interfaces) if interfaces else None
         self.service_type = service_type
         self.instance = instance_name(node_id)
         self.service_name = f"{self.instance}.{service_type}"
@@ -244,7 +244,9 @@ class MdnsDiscovery:
         try:
             self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         except OSError as error:
-            raise DiscoveryError(f"mDNS cannot bind to {interfaces}: {error}") from error
+            raise DiscoveryError(
+                f"mDNS cannot bind to {interfaces} (is each an IPv4 address of this host?): {error}"
+            ) from error
         try:
             # Browse before announcing so peers that answer our announcement are not missed.
             self._browser = AsyncServiceBrowser(
@@ -279,19 +281,25 @@ class MdnsDiscovery:
         if self._browser is not None:
             await self._browser.async_cancel()
             self._browser = None
-        for task in self._resolving.values():
+        resolving = list(self._resolving.values())
+        self._resolving.clear()
+        for task in resolving:
             task.cancel()
-        for task in self._resolving.values():
+        for task in resolving:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._resolving.clear()
         if self._zeroconf is not None:
-            if self._registered is not None:
-                goodbye = await self._zeroconf.async_unregister_service(self._registered)
-                await goodbye
+            try:
+                if self._registered is not None:
+                    goodbye = await self._zeroconf.async_unregister_service(self._registered)
+                    await goodbye
+            except OSError as error:
+                # Peers then keep the record until it expires; the sockets must be released regardless.
+                self.log.warning("mDNS goodbye not sent", error=repr(error))
+            finally:
                 self._registered = None
-            await self._zeroconf.async_close()
-            self._zeroconf = None
+                await self._zeroconf.async_close()
+                self._zeroconf = None
         self._peers.clear()
 
     def candidates(self) -> list[Candidate]:
@@ -330,7 +338,10 @@ class MdnsDiscovery:
         try:
             complete = await info.async_request(self._zeroconf.zeroconf, self.resolve_timeout * 1000)
             if not complete:
-                raise MalformedRecord(f"no complete SRV/TXT/A answer within {self.resolve_timeout} s")
+                # Lost packets, not a bad record: what was known about the peer stays until it changes.
+                problem = f"no complete SRV/TXT/A answer within {self.resolve_timeout} s"
+                self._report(key, name, problem, event="mDNS record not resolved")
+                return
             candidates = candidates_from_service(info)
             if candidates[0].node_id == self.node_id:
                 raise MalformedRecord("advertises this node's own node id (are two agents sharing an id?)")
@@ -357,9 +368,12 @@ class MdnsDiscovery:
         # A record that turned malformed no longer describes the peer it used to.
         if self._peers.pop(key, None) is not None:
             self._changed()
+        self._report(key, name, problem)
+
+    def _report(self, key: str, name: str, problem: str, event: str = "mDNS record ignored") -> None:
         if self._problems.get(key) != problem:
             self._problems[key] = problem
-            self.log.warning("mDNS record ignored", service=name, problem=problem)
+            self.log.warning(event, service=name, problem=problem)
 
     def _changed(self) -> None:
         if self._on_change is not None:

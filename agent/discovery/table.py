@@ -102,7 +102,10 @@ class PeerTable:
             if node_id is None:
                 unknown.setdefault(candidate.address, candidate)
             elif node_id != self.own_node_id:
-                by_node.setdefault(node_id, []).append(candidate)
+                stale = candidate.node_id not in (None, node_id)
+                # A handshake proved the source's claim stale: the address stays, the TXT was another node's.
+                entry = Candidate(address=candidate.address, source=candidate.source) if stale else candidate
+                by_node.setdefault(node_id, []).append(entry)
         for node_id, address in self._confirmed.items():
             # A peer that dialled us may be listed by no source; the handshake vouches for it.
             listed = by_node.setdefault(node_id, [])
