@@ -49,7 +49,7 @@ from agent.core.membership import (
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
 from agent.discovery import PeerTable, build_discovery
 from agent.logs import get_logger
-from agent.node.peers import CandidateSource, PeerRegistry, StaticCandidates
+from agent.node.peers import CandidateSource, PeerRegistry
 from agent.train.data import load_dataset, partition
 from agent.train.evaluate import Evaluator
 from agent.train.simulate import hyper_from, node_checkpoint, schedule_from
@@ -166,10 +166,8 @@ class PeerAgent:
         self.boundary_state: tuple[int, NodeState] | None = None
         self.mismatch_logged: set[tuple[str, int]] = set()
 
-    def _discovery(self) -> CandidateSource:
+    def _discovery(self) -> PeerTable:
         options = self.options
-        if not options.mdns and not options.dns_names:
-            return StaticCandidates(options.peers)
         return build_discovery(
             node_id=options.node_id,
             advertise=options.advertise,
@@ -255,7 +253,8 @@ class PeerAgent:
     def _min_peers(self) -> int:
         if self.options.min_peers is not None:
             return self.options.min_peers
-        return len(self.options.peers) if isinstance(self.source, StaticCandidates) else 1
+        static_only = not self.options.mdns and not self.options.dns_names
+        return len(self.options.peers) if static_only else 1
 
     async def _await_peers(self) -> None:
         needed = self._min_peers()

@@ -12,46 +12,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from agent.core.membership import PeerRecord
+from agent.discovery import Candidate
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import HandshakeRefused, PeerClient, PeerRpcError, PeerUnavailable
 from agent.transport.codec import PeerIdentity, identity_mismatch
 
 
-@dataclass(frozen=True)
-class Candidate:
-    address: str
-    node_id: str | None = None
-    source: str = "static"
-
-
 class CandidateSource(Protocol):
-    """What discovery offers the registry (agent.discovery implements it)."""
+    """What the registry needs of discovery (agent.discovery.PeerTable provides it)."""
 
     def candidates(self) -> Sequence[Candidate]: ...
 
     def confirm(self, address: str, node_id: str) -> None: ...
 
     def forget(self, node_id: str) -> None: ...
-
-
-class StaticCandidates:
-    """The ``--peers`` list as a candidate source."""
-
-    def __init__(self, addresses: Sequence[str]) -> None:
-        self._addresses = list(addresses)
-
-    def candidates(self) -> Sequence[Candidate]:
-        return [Candidate(address) for address in self._addresses]
-
-    def confirm(self, address: str, node_id: str) -> None:
-        return None
-
-    def forget(self, node_id: str) -> None:
-        return None
 
 
 def record_from_status(node_id: str, address: str, status: pb.PeerStatus) -> PeerRecord:
