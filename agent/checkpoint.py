@@ -14,14 +14,14 @@ crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+from agent.files import write_atomic
 
 FORMAT_VERSION = "dpgan-checkpoint-1"
 OPTIMIZER_PREFIX = "optimizer."
@@ -42,25 +42,6 @@ class Checkpoint:
     config: dict[str, object]
     schema_hash: str
     algorithm: str
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from agent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomic
+from agent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from agent.core.algorithms import (
     AlgorithmName,
     NodeState,
@@ -48,6 +48,7 @@ from agent.core.membership import (
 )
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
 from agent.discovery import PeerTable, build_discovery
+from agent.files import write_atomic
 from agent.logs import get_logger
 from agent.node.peers import CandidateSource, PeerRegistry
 from agent.train.data import load_dataset, partition

@@ -22,8 +22,9 @@ from typing import IO, Any
 
 import yaml
 
-from agent.checkpoint import load_checkpoint, write_atomic
+from agent.checkpoint import load_checkpoint
 from agent.core.config import TrainConfig
+from agent.files import write_atomic
 
 FORWARDED_FLAGS = (
     "--checkpoint-every",

@@ -11,14 +11,16 @@ leaves the previous snapshot intact.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+from agent.files import write_atomic
 
 # Gap between tiles, in source pixels (before upscaling), and its colour: mid-grey separates tiles
 # whether digits are drawn light-on-dark or dark-on-light.
@@ -41,18 +43,9 @@ def _write_png_atomically(image: Image.Image, path: str | os.PathLike[str]) -> N
     destination = Path(path)
     if not destination.parent.is_dir():
         raise ValueError(f"cannot write {destination}: directory {destination.parent} does not exist")
-    descriptor, temporary_name = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            image.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary_name, destination)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    write_atomic(destination, encoded.getvalue())
 
 
 def _check_positive_int(name: str, value: int) -> None:
