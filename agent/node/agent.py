@@ -318,6 +318,12 @@ class PeerAgent:
         boundary = join_iteration(
             source_status.iteration, self.options.view_period, 2 * self.options.view_period
         )
+        assert self.config.iterations is not None
+        if boundary >= self.config.iterations:
+            raise AgentError(
+                f"the running cluster is at iteration {source_status.iteration} and finishes at "
+                f"{self.config.iterations}, before the next join boundary {boundary}: nothing to join"
+            )
         self.ready_from = boundary
         self.inbox.expect(boundary, 0)
         await self.registry.refresh()  # tell every member now, not at its next probe
