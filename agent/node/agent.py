@@ -65,6 +65,11 @@ from agent.transport.server import GossipServer
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FINAL_NAME = "final.safetensors"
 STATE_POLL_SECONDS = 0.02
+PUSH_RETRY_SECONDS = 0.01
+# Positions (rounds) a neighbour may be ahead of us and still be buffered. Partners on time-varying
+# graphs (one-peer exponential) drift apart by up to one period of the schedule (log2 n iterations):
+# 16 iterations' worth covers clusters of up to 2^16 nodes.
+AHEAD_ITERATIONS = 16
 
 
 class StopRequested(Exception):
@@ -140,7 +145,7 @@ class PeerAgent:
         self.registry = PeerRegistry(
             self.identity, self.source, self._status, self.log, probe_interval=options.probe_interval
         )
-        self.inbox = Inbox(rounds_per_iteration=config.rounds)
+        self.inbox = Inbox(rounds_per_iteration=config.rounds, ahead_window=AHEAD_ITERATIONS * config.rounds)
         self.server = GossipServer(
             identity=self.identity,
             inbox=self.inbox,
@@ -397,18 +402,32 @@ class PeerAgent:
         if client is None:
             self._record(node_id, PeerEvent.UNREACHABLE, "no connection")
             return
+        deadline = time.monotonic() + self.options.round_timeout
         sent_before = client.bytes_sent
         try:
-            ack = await client.push_vector(
-                wire,
-                iteration=iteration,
-                round=round_,
-                epoch=self.view.epoch,
-                chunk_bytes=self.options.chunk_bytes,
-                timeout=self.options.round_timeout,
-            )
+            while True:
+                ack = await client.push_vector(
+                    wire,
+                    iteration=iteration,
+                    round=round_,
+                    epoch=self.view.epoch,
+                    chunk_bytes=self.options.chunk_bytes,
+                    timeout=max(0.1, deadline - time.monotonic()),
+                )
+                # A neighbour still finishing an earlier round refuses us as too far ahead; it will get
+                # there (partners of time-varying graphs drift apart by up to a period), so try again.
+                if ack.status != pb.PUSH_STATUS_TOO_FAR_AHEAD or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(PUSH_RETRY_SECONDS)
         except (PeerUnavailable, PeerRpcError) as error:
             self._record(node_id, PeerEvent.UNREACHABLE, str(error))
+            return
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our own cancellation (stop requested)
+            # The channel was closed under the call (the peer re-handshook from a new address).
+            self._record(node_id, PeerEvent.UNREACHABLE, "push cancelled by a channel change")
             return
         finally:
             traffic.bytes_sent += client.bytes_sent - sent_before

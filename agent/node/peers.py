@@ -62,7 +62,7 @@ class PeerRegistry:
         self.refusals: dict[str, str] = {}  # address -> why the handshake was refused (logged once)
         self._address_of: dict[str, str] = {}  # dialled address -> node id
         self._retry_at: dict[str, float] = {}
-        self._dialling: set[str] = set()
+        self._in_flight: dict[str, asyncio.Future[str | None]] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -80,11 +80,9 @@ class PeerRegistry:
                 f"this caller advertises {request.advertise_address}"
             )
         self._remember(request.node_id, request.advertise_address, request.status)
-        if request.node_id not in self.clients and request.advertise_address not in self._dialling:
+        if request.node_id not in self.clients:
             # Dial back now rather than at the next refresh: pushes need our own handshake with it.
-            self._dialling.add(request.advertise_address)
-            task = asyncio.ensure_future(self._handshake(request.advertise_address))
-            task.add_done_callback(lambda _: self._dialling.discard(request.advertise_address))
+            self.handshake(request.advertise_address)
         return True, ""
 
     # ---- outbound -------------------------------------------------------------------------------------
@@ -106,6 +104,14 @@ class PeerRegistry:
         if previous is None or previous != record:
             self.records[node_id] = record
             self._changed.set()
+
+    def handshake(self, address: str) -> asyncio.Future[str | None]:
+        """Handshake with ``address``; concurrent callers for one address share one attempt."""
+        in_flight = self._in_flight.get(address)
+        if in_flight is None or in_flight.done():
+            in_flight = asyncio.ensure_future(self._handshake(address))
+            self._in_flight[address] = in_flight
+        return in_flight
 
     async def _handshake(self, address: str) -> str | None:
         client = self.clients.get(self._address_of.get(address, ""))
@@ -134,7 +140,12 @@ class PeerRegistry:
         node_id = response.node_id
         old = self.clients.get(node_id)
         if old is not None and old is not client:
-            await old.close()
+            if old.address == address:
+                # Keep the channel pushes may be using: closing it would cancel them mid-stream.
+                await client.close()
+                client = old
+            else:
+                await old.close()  # the peer moved; calls on the old address fail as unavailable
         self.clients[node_id] = client
         self._address_of[address] = node_id
         self.source.confirm(address, node_id)
@@ -152,12 +163,13 @@ class PeerRegistry:
     async def refresh(self) -> None:
         """Handshake with new candidates and re-probe every known peer, concurrently."""
         now = time.monotonic()
+        own = (self.identity.advertise_address, self.identity.node_id)
         addresses = {
-            c.address for c in self.source.candidates() if c.address != self.identity.advertise_address
+            c.address for c in self.source.candidates() if c.address not in own and c.node_id not in own
         }
         addresses |= {record.address for record in self.records.values()}
         due = [a for a in sorted(addresses) if self._retry_at.get(a, 0.0) <= now]
-        results = await asyncio.gather(*(self._handshake(a) for a in due), return_exceptions=True)
+        results = await asyncio.gather(*(self.handshake(a) for a in due), return_exceptions=True)
         for address, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 self.log.warning("handshake failed", address=address, error=repr(result))
@@ -180,6 +192,8 @@ class PeerRegistry:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for attempt in self._in_flight.values():
+            attempt.cancel()
         for client in self.clients.values():
             with contextlib.suppress(Exception):
                 await client.close()
