@@ -33,7 +33,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-_PARSERS = {"int": int, "float": float, "str": str}
+def parse_bool(text: str) -> bool:
+    """``--flag true|false`` (any case); a bare ``--flag`` means true (see add_config_flags)."""
+    lowered = text.lower()
+    if lowered not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return lowered == "true"
+
+
+_PARSERS = {"int": int, "float": float, "str": str, "bool": parse_bool}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +49,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training configuration (also settable in --config YAML)")
     for field in dataclasses.fields(TrainConfig):
         base = str(field.type).removesuffix(" | None")
+        # Booleans take an optional value: ``--vectorize`` alone is true, ``--vectorize false`` undoes
+        # a ``true`` from the YAML file.
+        optional_value = {"nargs": "?", "const": True} if base == "bool" else {}
         group.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
@@ -48,6 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             metavar=base.upper(),
             help=field.metadata["help"],
+            **optional_value,
         )
     parser.add_argument("--config", type=Path, help="YAML file of configuration keys; flags override it")
 

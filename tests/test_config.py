@@ -61,3 +61,9 @@ def test_yaml_must_be_a_mapping(tmp_path: Path) -> None:
         read_yaml(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         read_yaml(tmp_path / "missing.yaml")
+
+
+def test_per_dataset_step_size_overrides_apply_only_when_lr_is_unset() -> None:
+    assert build_config({"dataset": "ring8", "algorithm": "dpoadam"}).lr == pytest.approx(5e-4)
+    assert build_config({"dataset": "digits", "algorithm": "dpoadam"}).lr == pytest.approx(2e-4)
+    assert build_config({"dataset": "ring8", "algorithm": "dpoadam", "lr": 1e-3}).lr == pytest.approx(1e-3)

@@ -21,8 +21,9 @@ import torch
 from agent.checkpoint import Checkpoint, save_checkpoint, write_atomic
 from agent.core.algorithms import Hyper, NodeState
 from agent.core.config import TrainConfig
-from agent.core.engine import VirtualCluster
+from agent.core.engine import VectorizedCluster, VirtualCluster
 from agent.core.topology import MixingSchedule, make_schedule
+from agent.train.batched import BatchedGanOperator
 from agent.train.data import load_dataset, partition
 from agent.train.evaluate import Evaluator
 from agent.train.workload import GanProblem, NodeOperator, node_generator, resolve_device
@@ -77,14 +78,20 @@ def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = N
     evaluator = Evaluator(dataset, config.eval_samples, config.seed)
 
     started = time.perf_counter()
-    cluster = VirtualCluster(
-        config.algorithm,
-        problem.x0,
-        operators,
-        lambda round_index: [schedule.row(i, round_index) for i in range(n)],
-        config.rounds,
-        hyper_from(config),
-    )
+
+    def rows_at(round_index: int) -> list[tuple[tuple[int, float], ...]]:
+        return [schedule.row(i, round_index) for i in range(n)]
+
+    cluster: VirtualCluster
+    if config.vectorize:
+        batched = BatchedGanOperator(problem, operators)
+        cluster = VectorizedCluster(
+            config.algorithm, problem.x0, batched, n, rows_at, config.rounds, hyper_from(config)
+        )
+    else:
+        cluster = VirtualCluster(
+            config.algorithm, problem.x0, operators, rows_at, config.rounds, hyper_from(config)
+        )
     train_seconds = time.perf_counter() - started
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
