@@ -23,9 +23,9 @@ from torch.func import functional_call, grad, vmap
 from agent.train.losses import discriminator_loss, generator_loss
 from agent.train.workload import GanProblem, NodeOperator
 
-# vmap runs this many nodes per batched call (torch.func's chunk_size). Past a few dozen nodes the
-# (nodes × batch × width) activations fall out of cache and memory grows with n; measured on ring8
-# (docs/simulator-scale.md), 32 was as fast as unchunked at n = 64, faster at n = 256 and 0.6 GB smaller.
+# vmap runs this many nodes per batched call (torch.func's chunk_size), so activation memory stays
+# bounded as n grows. Measured on ring8 (docs/simulator-scale.md): against one call for all nodes, 3-25%
+# slower at n = 64, mostly faster at n = 256 (activations out of cache) and 0.6 GB smaller there.
 NODES_PER_CALL = 32
 _BATCH_COUPLING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
