@@ -1,0 +1,1008 @@
+"""DPOSG agents vs centralized baselines on a namespace cluster: time per iteration against link rate.
+
+    sudo python bench/cluster_bench.py          # the default matrix: n 4 and 8, 3 rates, 6 systems (~15 min)
+    sudo python bench/cluster_bench.py --all    # + quality table, agent overhead, docs/ PNG (~1 hour)
+    sudo python bench/cluster_bench.py --nodes 8 --rates 20 --systems ring ps --iterations 10
+
+Needs root: every node is a network namespace on one Linux bridge (tests/netns.py), its link shaped with
+a token bucket (tbf, both directions) to each rate in ``--rates`` ("none" = the unshaped veth).
+
+Systems, all on the same model, per-node batch, data split and per-node random streams:
+  ring           dpgan-agent, DPOSG on a ring, t = 1 gossip round per iteration
+  ring-t2        dpgan-agent, ring, t = 2
+  one-peer-exp   dpgan-agent, one-peer exponential graph (one partner per iteration, log2 n period)
+  ring-bf16      dpgan-agent, ring, t = 1, bfloat16 on the wire
+  allreduce      CPOSG, gradients averaged by torch.distributed gloo all_reduce (bench/baselines.py)
+  ps             CPOSG through a parameter server on host 0 (bench/baselines.py)
+
+How one (n, system) is measured. The n processes are started once and left running; once every node has
+logged its first iteration (start-up excluded), the harness cycles through the rates ``--repeats`` times
+(none, 100, 20, none, 100, 20, ...), re-shaping every link on the fly. A *window* lasts until every node
+has logged ``--warmup`` iterations (discarded: queues drain, TCP adapts) plus ``--iterations`` measured
+ones, or, once it has run ``--window-seconds``, ``--min-iterations`` measured ones. Cycling the rates in
+one launch keeps start-up (about 20 s for 8 torch processes on 2 cores) out of the budget and spreads slow
+drifts of the machine's background load over every rate alike. Per window:
+
+* seconds per iteration: per node, (last − first timestamp) / iterations over the measured iterations
+  (the processes' own per-iteration log lines), then the median over nodes;
+* compute and communication seconds: means of the nodes' logged per-iteration split;
+* the 1-minute load average, and the CPU cores used by processes outside this benchmark (/proc/stat
+  minus the benchmark's own processes), because the machine is shared.
+Tables show medians over the repeat windows (with their min–max). Bytes per node per iteration come from
+the bridge ports' receive counters (everything a host put on the wire: payload, gRPC/TCP/IP headers,
+acknowledgements, liveness probes) over the whole measurement, divided by the node's iterations over the
+same span; the payload the processes report (``bytes_sent``) is shown beside it.
+
+``--quality`` adds the quality table, on a smaller model (``--quality-width``, the agent's tuned ring8
+default) because the larger timing model needs far more iterations than this machine can afford: the same
+update rules run in one process (the simulator's math, which ``tests/test_agent_cluster.py`` checks real
+agents reproduce bit for bit; bf16 rounding applied to what neighbours receive, as the agent's codec
+does), the network-average model evaluated with the agents' evaluator. The iterations each system needs
+to reach the target, times its seconds per iteration measured on the same small model, give the wall time
+to the target at each rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.netns import NetnsCluster, netns_unavailable_reason, remove_stale_namespaces  # noqa: E402
+
+AGENT_PORT = 5000
+PS_PORT = 6000
+RENDEZVOUS_PORT = 29500
+# Timing runs never reach their iteration goal: the harness stops them once the last window is done.
+ENDLESS = 1_000_000
+POLL_SECONDS = 0.2
+STOP_GRACE_SECONDS = 10.0
+MEGABYTE = 1e6
+
+Kind = Literal["agent", "allreduce", "ps"]
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    label: str
+    kind: Kind
+    topology: str = "ring"
+    rounds: int = 1
+    wire_dtype: str = "float32"
+
+
+SYSTEMS: dict[str, System] = {
+    system.name: system
+    for system in (
+        System("ring", "DPOSG ring, t=1", "agent"),
+        System("ring-t2", "DPOSG ring, t=2", "agent", rounds=2),
+        System("one-peer-exp", "DPOSG one-peer exponential", "agent", topology="one_peer_exponential"),
+        System("ring-bf16", "DPOSG ring, t=1, bf16 wire", "agent", wire_dtype="bfloat16"),
+        System("allreduce", "CPOSG gloo all-reduce", "allreduce"),
+        System("ps", "CPOSG parameter server", "ps"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The training problem every system runs (cluster-wide configuration keys of the agent)."""
+
+    dataset: str
+    width: int
+    batch_size: int
+    seed: int
+
+    def flags(self) -> list[str]:
+        return [
+            "--dataset", self.dataset, "--width", str(self.width), "--batch-size", str(self.batch_size),
+            "--seed", str(self.seed),
+        ]  # fmt: skip
+
+
+def rate_label(rate: float | None) -> str:
+    return "unshaped" if rate is None else f"{rate:g} Mbit/s"
+
+
+def parse_rate(text: str) -> float | None:
+    if text.lower() in ("none", "unshaped", "inf"):
+        return None
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a rate must be positive (Mbit/s) or 'none', got {text}")
+    return value
+
+
+# ---- following the processes' logs ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    iteration: int
+    time: float  # seconds since the epoch, from the line's ISO timestamp
+    compute_s: float
+    communication_s: float
+    bytes_sent: int | None
+
+
+def parse_timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+ANOMALY_EVENTS = ("gossip_rejected", "round mixed without neighbours", "neighbour down; mixing without it")
+
+
+class LogFollower:
+    """Reads a JSON-lines log as it grows and keeps its ``iteration`` records."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+        self.records: list[IterationRecord] = []
+        self.anomalies: dict[str, int] = {}
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        self.offset += len(chunk)
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # tracebacks and other non-JSON output
+            if isinstance(event, dict) and event.get("event") in ANOMALY_EVENTS:
+                self.anomalies[event["event"]] = self.anomalies.get(event["event"], 0) + 1
+            if isinstance(event, dict) and event.get("event") == "iteration":
+                self.records.append(
+                    IterationRecord(
+                        iteration=int(event["iteration"]),
+                        time=parse_timestamp(event["timestamp"]),
+                        compute_s=float(event["compute_s"]),
+                        communication_s=float(event["communication_s"]),
+                        bytes_sent=event.get("bytes_sent"),
+                    )
+                )
+
+    def count_after(self, moment: float) -> int:
+        return sum(1 for record in self.records if record.time > moment)
+
+    def last_iteration_at(self, moment: float) -> int:
+        """The highest iteration logged at or before ``moment`` (0 before the first)."""
+        return max((r.iteration for r in self.records if r.time <= moment), default=0)
+
+
+# ---- one launch: n processes of one system, every rate window -------------------------------------
+
+
+@dataclass
+class Window:
+    rate: float | None
+    repeat: int
+    started: float
+    ended: float
+    load_average: float  # 1-minute load average at the window's end (includes this cluster's processes)
+    other_cores: float  # CPU cores busy with processes outside this benchmark during the window
+    seconds_per_iteration: float | None = None
+    compute_s: float | None = None
+    communication_s: float | None = None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot, over all cores (from /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def process_cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds of the given processes (those already gone count as 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            # Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+            after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(after_name[11]) + int(after_name[12])
+    return total / CLOCK_TICKS
+
+
+@dataclass
+class CpuMark:
+    """A point in time with the machine's busy CPU seconds and those of this benchmark's processes."""
+
+    moment: float
+    busy: float
+    ours: float
+
+    @classmethod
+    def now(cls, pids: Iterable[int]) -> CpuMark:
+        return cls(time.time(), machine_busy_seconds(), process_cpu_seconds(pids))
+
+    def other_cores_since(self, earlier: CpuMark) -> float:
+        elapsed = max(self.moment - earlier.moment, 1e-9)
+        return max(0.0, (self.busy - earlier.busy) - (self.ours - earlier.ours)) / elapsed
+
+
+@dataclass
+class LaunchResult:
+    nodes: int
+    system: str
+    windows: list[Window] = field(default_factory=list)
+    wire_bytes_per_iteration: list[float] = field(default_factory=list)  # per node
+    payload_bytes_per_iteration: float | None = None  # mean over nodes, as the processes report it
+    parameters: int | None = None
+    error: str | None = None
+    failed_attempts: list[str] = field(default_factory=list)  # launches that failed before this one
+    # Agent log events that mean a round did not go as DPOSG prescribes (counted over all nodes):
+    # a neighbour's vector refused or missing at the deadline, so the node mixed without it.
+    anomalies: dict[str, int] = field(default_factory=dict)
+
+
+class LaunchFailed(RuntimeError):
+    """A process of the launch exited, or the cluster stopped making progress within a timeout."""
+
+
+def switch_port_bytes(cluster: NetnsCluster) -> dict[str, int]:
+    """Bytes each host has sent: the receive counter of its port on the bridge."""
+    listing = subprocess.run(
+        ["ip", "-n", cluster.switch_namespace, "-s", "-j", "link", "show"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    by_port = {entry["ifname"]: entry["stats64"]["rx"]["bytes"] for entry in json.loads(listing)}
+    return {host.name: int(by_port[host.switch_port]) for host in cluster.hosts}
+
+
+def shape(cluster: NetnsCluster, rate: float | None) -> None:
+    for host in cluster.hosts:
+        cluster.set_rate(host, rate)
+
+
+def process_environment() -> dict[str, str]:
+    return os.environ | {
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO),
+        # gloo must pick the namespace's eth0, not lo, for the peers to reach each other.
+        "GLOO_SOCKET_IFNAME": "eth0",
+    }
+
+
+class Launch:
+    """The processes of one system on one cluster, their logs, and the rate windows measured on them."""
+
+    def __init__(
+        self, cluster: NetnsCluster, system: System, workload: Workload, folder: Path, round_timeout: float
+    ) -> None:
+        self.round_timeout = round_timeout
+        self.cluster = cluster
+        self.system = system
+        self.workload = workload
+        self.folder = folder
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.followers: list[LogFollower] = []  # one per node: the logs that carry iteration lines
+
+    def _spawn(self, host_name: str, role: str, argv: list[str]) -> LogFollower:
+        log_path = self.folder / f"{role}.log"
+        with log_path.open("wb") as log:
+            process = self.cluster.popen(
+                host_name, argv, cwd=REPO, env=process_environment(), stdout=log, stderr=subprocess.STDOUT
+            )
+        self.processes.append((role, process))
+        return LogFollower(log_path)
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        hosts = self.cluster.hosts
+        n = len(hosts)
+        config = [
+            *self.workload.flags(),
+            "--iterations", str(ENDLESS), "--eval-every", str(ENDLESS), "--eval-samples", "500",
+        ]  # fmt: skip
+        python = sys.executable
+        if self.system.kind == "agent":
+            addresses = [f"{host.address}:{AGENT_PORT}" for host in hosts]
+            for i, host in enumerate(hosts):
+                argv = [
+                    python, "-m", "agent.cli", "--listen", f"0.0.0.0:{AGENT_PORT}",
+                    "--advertise", addresses[i],
+                    "--peers", ",".join(a for j, a in enumerate(addresses) if j != i),
+                    # Zero-padded ids sort like their indices, so node i of the table is host i.
+                    "--node-id", f"node{i:02d}", "--out", str(self.folder / f"node{i:02d}"),
+                    "--log-format", "json", "--log-every", "1", "--checkpoint-every", str(ENDLESS),
+                    "--round-timeout", str(self.round_timeout), "--startup-timeout", "300",
+                    "--topology", self.system.topology, "--rounds", str(self.system.rounds),
+                    "--wire-dtype", self.system.wire_dtype, *config,
+                ]  # fmt: skip
+                self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
+            return
+        baseline = [python, str(REPO / "bench" / "baselines.py")]
+        common = ["--world", str(n), "--timeout", "300", *config]
+        if self.system.kind == "allreduce":
+            master = f"{hosts[0].address}:{RENDEZVOUS_PORT}"
+            for i, host in enumerate(hosts):
+                argv = [*baseline, "allreduce", "--rank", str(i), "--master", master, *common]
+                self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
+            return
+        server = f"{hosts[0].address}:{PS_PORT}"
+        self._spawn(hosts[0].name, "server", [*baseline, "ps-server", "--listen", server, *common])
+        for i, host in enumerate(hosts):
+            argv = [*baseline, "ps-worker", "--rank", str(i), "--server", server, *common]
+            self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
+
+    def _pids(self) -> list[int]:
+        # `ip netns exec` execs the command, so each Popen pid is the Python process itself.
+        return [os.getpid()] + [process.pid for _, process in self.processes]
+
+    def _check_alive(self) -> None:
+        for role, process in self.processes:
+            if process.poll() is not None:
+                lines = (self.folder / f"{role}.log").read_text(errors="replace").splitlines()
+                last = next((line for line in reversed(lines) if line.strip()), "(empty log)")
+                raise LaunchFailed(
+                    f"{role} exited with {process.returncode}: {last[:200]}\n" + "\n".join(lines[-15:])
+                )
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for follower in self.followers:
+                follower.poll()
+            if done():
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                progress = [f.records[-1].iteration if f.records else 0 for f in self.followers]
+                raise LaunchFailed(
+                    f"timed out after {timeout:.0f} s waiting for {what}; iterations {progress}"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def measure(
+        self, rates: Sequence[float | None], args: argparse.Namespace
+    ) -> tuple[list[Window], dict[str, int], dict[str, int], float, float]:
+        """Run every window; returns them with the byte counters and times at the start and the end."""
+        self._wait_until(
+            lambda: all(follower.records for follower in self.followers),
+            args.startup_timeout,
+            "the first iteration",
+        )
+        windows = []
+        counters_start: dict[str, int] = {}
+        measurement_started = 0.0
+        for repeat in range(args.repeats):
+            for rate in rates:
+                shape(self.cluster, rate)
+                started = time.time()
+                if not windows:
+                    counters_start, measurement_started = switch_port_bytes(self.cluster), started
+                cpu_started = CpuMark.now(self._pids())
+                # +1: the first line after the switch belongs to an iteration begun at the old rate.
+                wanted = args.warmup + 1 + args.iterations
+                enough = args.warmup + 1 + args.min_iterations
+
+                def complete(started: float = started, wanted: int = wanted, enough: int = enough) -> bool:
+                    # Slow links stop at --window-seconds, once --min-iterations are in.
+                    fewest = min(follower.count_after(started) for follower in self.followers)
+                    overtime = time.time() - started > args.window_seconds
+                    return fewest >= wanted or (overtime and fewest >= enough)
+
+                self._wait_until(complete, args.window_timeout, f"{wanted} iterations at {rate_label(rate)}")
+                cpu_ended = CpuMark.now(self._pids())
+                window = Window(
+                    rate,
+                    repeat,
+                    started,
+                    cpu_ended.moment,
+                    load_average=os.getloadavg()[0],
+                    other_cores=cpu_ended.other_cores_since(cpu_started),
+                )
+                windows.append(window)
+                print(
+                    f"    {rate_label(rate):>13} repeat {repeat + 1}: {window.ended - started:5.1f} s"
+                    f" (load {window.load_average:.1f}, other processes {window.other_cores:.2f} cores)",
+                    flush=True,
+                )
+        counters_end = switch_port_bytes(self.cluster)
+        return windows, counters_start, counters_end, measurement_started, time.time()
+
+    def stop(self) -> None:
+        # The parameter server first: it tells its workers to stop, which ends their runs cleanly.
+        for _, process in sorted(self.processes, key=lambda item: item[0] != "server"):
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for _, process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def summarize_window(window: Window, followers: Sequence[LogFollower], warmup: int) -> None:
+    per_node_seconds, compute, communication = [], [], []
+    for follower in followers:
+        inside = [r for r in follower.records if window.started < r.time <= window.ended]
+        # The first line after the switch belongs to an iteration begun at the old rate.
+        kept = inside[1 + warmup :]
+        if len(kept) < 2:
+            continue
+        per_node_seconds.append((kept[-1].time - kept[0].time) / (kept[-1].iteration - kept[0].iteration))
+        compute += [r.compute_s for r in kept[1:]]
+        communication += [r.communication_s for r in kept[1:]]
+    if per_node_seconds:
+        window.seconds_per_iteration = statistics.median(per_node_seconds)
+        window.compute_s = statistics.fmean(compute)
+        window.communication_s = statistics.fmean(communication)
+
+
+def run_launch(
+    n: int, system: System, workload: Workload, args: argparse.Namespace, folder: Path
+) -> LaunchResult:
+    result = LaunchResult(nodes=n, system=system.name)
+    with NetnsCluster(n) as cluster:
+        launch = Launch(cluster, system, workload, folder, args.round_timeout)
+        try:
+            launch.start()
+            windows, before, after, first, last = launch.measure(args.rates, args)
+        except LaunchFailed as error:
+            result.error = str(error)
+            return result
+        finally:
+            launch.stop()
+        for follower in launch.followers:
+            follower.poll()
+            for name, count in follower.anomalies.items():
+                result.anomalies[name] = result.anomalies.get(name, 0) + count
+        if result.anomalies:
+            print(f"   WARNING: rounds that did not mix every neighbour: {result.anomalies}", flush=True)
+        for window in windows:
+            summarize_window(window, launch.followers, args.warmup)
+        result.windows = windows
+        for host, follower in zip(cluster.hosts, launch.followers, strict=True):
+            iterations = follower.last_iteration_at(last) - follower.last_iteration_at(first)
+            result.wire_bytes_per_iteration.append(
+                (after[host.name] - before[host.name]) / max(iterations, 1)
+            )
+        payloads = [r.bytes_sent for f in launch.followers for r in f.records if r.bytes_sent is not None]
+        result.payload_bytes_per_iteration = statistics.fmean(payloads) if payloads else None
+        result.parameters = read_parameter_count(folder)
+    return result
+
+
+def read_parameter_count(folder: Path) -> int | None:
+    """The model size, from an agent's summary.json or a baseline's start-up line."""
+    for summary in sorted(folder.glob("node*/summary.json")):
+        with contextlib.suppress(ValueError, KeyError):
+            return int(json.loads(summary.read_text())["parameters"])
+    for log in sorted(folder.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and "parameters" in event:
+                    return int(event["parameters"])
+    return None
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+
+
+def median_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def window_stats(result: LaunchResult, rate: float | None) -> dict[str, Any]:
+    windows = [w for w in result.windows if w.rate == rate and w.seconds_per_iteration is not None]
+    seconds = [w.seconds_per_iteration for w in windows]
+    return {
+        "seconds_per_iteration": median_or_none(seconds),
+        "min": min(seconds) if seconds else None,  # type: ignore[type-var]
+        "max": max(seconds) if seconds else None,  # type: ignore[type-var]
+        "compute_s": median_or_none(w.compute_s for w in windows),
+        "communication_s": median_or_none(w.communication_s for w in windows),
+        "load_average": median_or_none(w.load_average for w in windows),
+        "other_cores": median_or_none(w.other_cores for w in windows),
+        "windows": len(windows),
+    }
+
+
+def format_ms(value: float | None) -> str:
+    return "—" if value is None else f"{1000 * value:.0f}"
+
+
+def print_tables(results: list[LaunchResult], rates: Sequence[float | None]) -> list[str]:
+    lines: list[str] = []
+    for n in sorted({r.nodes for r in results}):
+        for rate in rates:
+            lines += [
+                "",
+                f"### {n} nodes, {rate_label(rate)}",
+                "",
+                "| system | s/iteration (median) | min–max | vs PS | vs all-reduce | compute ms | "
+                "communication ms | MB sent/node/iter (mean, max node) | payload MB/node/iter | load | "
+                "other cores |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            by_system = {r.system: r for r in results if r.nodes == n}
+            reference = {
+                name: window_stats(by_system[name], rate)["seconds_per_iteration"]
+                for name in ("ps", "allreduce")
+                if name in by_system and not by_system[name].error
+            }
+            for name, result in by_system.items():
+                label = SYSTEMS[name].label
+                stalls = sum(result.anomalies.values())
+                if stalls:
+                    label += f" ⚠ {stalls} gossip anomalies (results.json)"
+                if result.error:
+                    lines.append(f"| {label} | failed: {result.error.splitlines()[0]} |||||||||")
+                    continue
+                stats = window_stats(result, rate)
+                seconds = stats["seconds_per_iteration"]
+
+                def ratio(base: float | None, seconds: float | None = seconds) -> str:
+                    return "—" if base is None or seconds is None else f"{seconds / base:.2f}×"
+
+                wire = result.wire_bytes_per_iteration
+                payload = result.payload_bytes_per_iteration
+                lines.append(
+                    f"| {label} | {seconds:.3f} | {stats['min']:.3f}–{stats['max']:.3f} | "
+                    f"{ratio(reference.get('ps'))} | {ratio(reference.get('allreduce'))} | "
+                    f"{format_ms(stats['compute_s'])} | {format_ms(stats['communication_s'])} | "
+                    f"{statistics.fmean(wire) / MEGABYTE:.2f}, {max(wire) / MEGABYTE:.2f} | "
+                    + ("—" if payload is None else f"{payload / MEGABYTE:.2f}")
+                    + f" | {stats['load_average']:.1f} | {stats['other_cores']:.2f} |"
+                    if seconds is not None
+                    else f"| {label} | no complete window |||||||||"
+                )
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def goal_lines(results: list[LaunchResult]) -> list[str]:
+    """The issue's goals at 20 Mbit/s with 8 nodes, as measured."""
+
+    def seconds(system: str) -> float | None:
+        for result in results:
+            if result.nodes == 8 and result.system == system and not result.error:
+                return window_stats(result, 20.0)["seconds_per_iteration"]
+        return None
+
+    lines = ["", "### Goals (8 nodes, 20 Mbit/s)", ""]
+    for name, base, bound in (
+        ("ring", "ps", 0.25),
+        ("one-peer-exp", "ps", 0.25),
+        ("one-peer-exp", "allreduce", 0.6),
+    ):
+        a, b = seconds(name), seconds(base)
+        if a is None or b is None:
+            lines.append(f"- {name} ≤ {bound}× {base}: not measured in this run")
+            continue
+        verdict = "met" if a / b <= bound else "missed"
+        lines.append(f"- {SYSTEMS[name].label} ≤ {bound}× {SYSTEMS[base].label}: {a / b:.2f}× — {verdict}")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+# ---- quality: iterations to the target, in one process -------------------------------------------
+
+
+@dataclass(frozen=True)
+class QualityJob:
+    system: str
+    seed: int
+    nodes: int
+    workload: Workload
+    iterations: int
+    eval_every: int
+
+
+def quality_run(job: QualityJob) -> dict[str, Any]:
+    """One system's update rule in one process, the average model evaluated every ``eval_every``."""
+    import torch
+
+    from agent.core.algorithms import advance, check_algorithm, extrapolate, initial_state, mean_canonical
+    from agent.core.config import build_config
+    from agent.core.mixing import mix_row
+    from agent.train.data import load_dataset, partition
+    from agent.train.evaluate import Evaluator
+    from agent.train.simulate import hyper_from, schedule_from
+    from agent.train.workload import GanProblem, node_generator
+
+    torch.set_num_threads(1)
+    system, n, workload = SYSTEMS[job.system], job.nodes, job.workload
+    config = build_config(
+        {
+            "dataset": workload.dataset, "width": workload.width, "batch_size": workload.batch_size,
+            "seed": job.seed, "nodes": n, "topology": system.topology, "rounds": system.rounds,
+            "algorithm": "dposg" if system.kind == "agent" else "cposg", "iterations": job.iterations,
+            "wire_dtype": system.wire_dtype,
+        }
+    )  # fmt: skip
+    algorithm = check_algorithm(config.algorithm)
+    dataset = load_dataset(config.dataset, seed=config.seed)
+    problem = GanProblem.build(config, dataset.spec, torch.device("cpu"))
+    shards = partition(dataset, n, config.split, seed=config.seed)
+    operators = [problem.node_operator(shards[i], node_generator(config.seed, i)) for i in range(n)]
+    schedule = schedule_from(config, n)
+    hyper = hyper_from(config)
+    evaluator = Evaluator(dataset, config.eval_samples, config.seed)
+    wire = getattr(torch, config.wire_dtype)
+
+    def on_wire(x: torch.Tensor) -> torch.Tensor:
+        # What a neighbour decodes: the agent's codec casts to the wire dtype, the receiver back to float32;
+        # a node mixes its own x unrounded.
+        return x if wire == torch.float32 else x.to(wire).to(torch.float32)
+
+    initial = [op(problem.x0) for op in operators]
+    if algorithm == "cposg":
+        initial = [mean_canonical(initial)] * n
+    states = [initial_state(algorithm, problem.x0, g) for g in initial]
+    history = []
+    started = time.perf_counter()
+    for k in range(job.iterations):
+        mixed = [s.x for s in states]
+        if algorithm == "dposg":
+            for r in range(config.rounds):
+                rows = [schedule.row(i, k * config.rounds + r) for i in range(n)]
+                sent = [on_wire(x) for x in mixed]
+                mixed = [
+                    mix_row(rows[i], {j: mixed[j] if j == i else sent[j] for j, _ in rows[i]})
+                    for i in range(n)
+                ]
+        points = [extrapolate(algorithm, s, x, hyper) for s, x in zip(states, mixed, strict=True)]
+        gradients = [op(z) for op, z in zip(operators, points, strict=True)]
+        if algorithm == "cposg":
+            gradients = [mean_canonical(gradients)] * n
+        states = [
+            advance(algorithm, s, x, g, hyper) for s, x, g in zip(states, mixed, gradients, strict=True)
+        ]
+        if (k + 1) % job.eval_every == 0:
+            average = torch.stack([s.x for s in states]).double().mean(0).float()
+            history.append({"iteration": k + 1, **evaluator.evaluate(problem, average)})
+    return {
+        "system": job.system,
+        "label": "CPOSG (all-reduce and PS)" if algorithm == "cposg" else system.label,
+        "seed": job.seed,
+        "nodes": n,
+        "width": workload.width,
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def quality_runs(args: argparse.Namespace, workload: Workload, n: int) -> list[dict[str, Any]]:
+    """Every quality system for every seed, ``--quality-jobs`` processes at a time."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    # The two baselines run the same update (CPOSG): one run stands for both.
+    systems, has_cposg = [], False
+    for name in args.quality_systems:
+        if SYSTEMS[name].kind != "agent":
+            if has_cposg:
+                continue
+            has_cposg = True
+        systems.append(name)
+    jobs = [
+        QualityJob(name, seed, n, workload, args.quality_iterations, args.quality_eval_every)
+        for name in systems
+        for seed in args.quality_seeds
+    ]
+    records = []
+    # spawn, not fork: a forked child would inherit whatever threads torch had started in this process.
+    with ProcessPoolExecutor(max_workers=args.quality_jobs, mp_context=get_context("spawn")) as pool:
+        for record in pool.map(quality_run, jobs):
+            last = record["history"][-1] if record["history"] else {}
+            print(
+                f"    {record['label']}, seed {record['seed']}: {last.get('modes_covered')} modes, "
+                f"HQ {last.get('high_quality', 0):.3f} at {last.get('iteration')}; "
+                f"target first met at {first_reaching(record['history'], args)} ({record['seconds']:.0f} s)",
+                flush=True,
+            )
+            records.append(record)
+    return records
+
+
+def first_reaching(
+    history: list[dict[str, Any]], args: argparse.Namespace, high_quality: float | None = None
+) -> int | None:
+    """The first evaluated iteration with every mode covered and at least ``high_quality`` (default: the
+    target's) of the samples high quality; None if the run never got there."""
+    threshold = args.target_high_quality if high_quality is None else high_quality
+    return next(
+        (
+            h["iteration"]
+            for h in history
+            if h.get("modes_covered", 0) >= args.target_modes and h.get("high_quality", 0.0) >= threshold
+        ),
+        None,
+    )
+
+
+def per_seed(values: Sequence[int | None]) -> str:
+    return ", ".join("—" if v is None else str(v) for v in values)
+
+
+def quality_table(
+    records: list[dict[str, Any]], results: list[LaunchResult], args: argparse.Namespace
+) -> list[str]:
+    """Per system: iterations to the target (and to a looser one) per seed, quality at the last iteration,
+    and the wall time to the target at each measured rate (median iterations × median s/iteration)."""
+    rate_columns = " | ".join(f"to target at {rate_label(rate)} (s)" for rate in args.rates)
+    looser = args.target_high_quality - 0.1
+    lines = [
+        "",
+        f"### Quality: ring8, {args.target_modes} modes with ≥ {args.target_high_quality:.0%} high-quality "
+        f"samples (network-average model, evaluated every {args.quality_eval_every} iterations, "
+        f"{args.quality_iterations} iterations, seeds {', '.join(map(str, args.quality_seeds))})",
+        "",
+        f"| system | nodes | iterations to target, per seed | to ≥ {looser:.0%}, per seed | "
+        f"modes at {args.quality_iterations}, per seed | HQ at {args.quality_iterations}, per seed | "
+        f"{rate_columns} |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(args.rates),
+    ]
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["system"], record["nodes"]), []).append(record)
+    for (name, n), group in groups.items():
+        reached = [first_reaching(r["history"], args) for r in group]
+        reached_looser = [first_reaching(r["history"], args, looser) for r in group]
+        hits = [k for k in reached if k is not None]
+        # Seeds that never reach the target have no wall time: the median is over those that did.
+        iterations = statistics.median(hits) if hits else None
+        finals = [r["history"][-1] if r["history"] else {} for r in group]
+        modes = ", ".join(str(f.get("modes_covered", "—")) for f in finals)
+        quality = ", ".join(f"{f.get('high_quality', 0.0):.1%}" for f in finals)
+        # CPOSG's iterations apply to both baselines; each pays its own seconds per iteration.
+        names = ["allreduce", "ps"] if SYSTEMS[name].kind != "agent" else [name]
+        for system_name in names:
+            cells = []
+            for rate in args.rates:
+                seconds = next(
+                    (
+                        window_stats(r, rate)["seconds_per_iteration"]
+                        for r in results
+                        if r.system == system_name and r.nodes == n and not r.error
+                    ),
+                    None,
+                )
+                cells.append("—" if iterations is None or seconds is None else f"{iterations * seconds:.0f}")
+            lines.append(
+                f"| {SYSTEMS[system_name].label} | {n} | {per_seed(reached)} | {per_seed(reached_looser)} | "
+                f"{modes} | {quality} | " + " | ".join(cells) + " |"
+            )
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, nargs="+", default=[4, 8], help="cluster sizes")
+    parser.add_argument(
+        "--rates", type=parse_rate, nargs="+", default=[None, 100.0, 20.0],
+        help="per-node link rates in Mbit/s; 'none' = unshaped",
+    )  # fmt: skip
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--iterations", type=int, default=8, help="measured iterations per window")
+    parser.add_argument(
+        "--window-seconds", type=float, default=20.0,
+        help="a window longer than this ends as soon as every node has --min-iterations measured ones",
+    )  # fmt: skip
+    parser.add_argument("--min-iterations", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2, help="iterations discarded after each rate switch")
+    parser.add_argument("--repeats", type=int, default=3, help="windows per rate (medians are over these)")
+    parser.add_argument("--width", type=int, default=256, help="MLP hidden width (both players)")
+    parser.add_argument("--batch-size", type=int, default=128, help="per-node minibatch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--round-timeout", type=float, default=10.0,
+        help="the agents' --round-timeout (10 s: the agent's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the timing matrix (with --quality: only the quality part)",
+    )
+    parser.add_argument("--window-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--retries", type=int, default=1, help="relaunches of a system whose launch failed (reported)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for logs and results.json (default runs/cluster_bench/…)"
+    )
+    parser.add_argument("--quality", action="store_true", help="also run the quality table (slow)")
+    parser.add_argument("--quality-nodes", type=int, nargs="+", default=[8])
+    parser.add_argument(
+        "--quality-systems", nargs="+", choices=list(SYSTEMS),
+        default=["ring", "one-peer-exp", "ring-bf16", "allreduce"],
+        help="allreduce and ps run the same update (CPOSG): either stands for both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quality-width", type=int, default=128,
+        help="MLP width of the quality runs (128: the agent's ring8 default, tuned to converge)",
+    )  # fmt: skip
+    parser.add_argument("--quality-iterations", type=int, default=8000)
+    parser.add_argument("--quality-eval-every", type=int, default=250)
+    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quality-jobs", type=int, default=2, help="quality runs in parallel processes")
+    parser.add_argument("--target-modes", type=int, default=8)
+    parser.add_argument("--target-high-quality", type=float, default=0.9)
+    parser.add_argument("--plot", type=Path, help="write the time-per-iteration PNG here")
+    parser.add_argument(
+        "--all", action="store_true",
+        help="everything for docs/benchmarks.md: the default matrix, --quality, and the plot in docs/",
+    )  # fmt: skip
+    parser.add_argument("--overhead", action="store_true", help="also run bench/agent_overhead.py")
+    args = parser.parse_args(argv)
+    if args.all:
+        args.quality = True
+        args.overhead = True
+        args.plot = args.plot or REPO / "docs" / "benchmarks-time-per-iteration.png"
+    return args
+
+
+def run_matrix(
+    nodes: Sequence[int],
+    systems: Sequence[str],
+    workload: Workload,
+    args: argparse.Namespace,
+    out: Path,
+    on_result: Any,
+) -> list[LaunchResult]:
+    """One launch per (n, system), relaunched up to ``--retries`` times if it fails."""
+    results: list[LaunchResult] = []
+    for n in nodes:
+        for name in systems:
+            system = SYSTEMS[name]
+            print(f"== {n} nodes, {system.label}, width {workload.width}", flush=True)
+            launch_started = time.time()
+            failures: list[str] = []
+            for attempt in range(1 + args.retries):
+                folder = out / f"w{workload.width}-n{n}-{name}-{attempt}"
+                result = run_launch(n, system, workload, args, folder)
+                if not result.error:
+                    break
+                print(f"   FAILED (attempt {attempt + 1}): {result.error}", flush=True)
+                failures.append(result.error)
+            result.failed_attempts = failures
+            print(f"   {time.time() - launch_started:.0f} s", flush=True)
+            results.append(result)
+            on_result()
+    return results
+
+
+def model_line(results: list[LaunchResult], width: int) -> str:
+    parameters = next((r.parameters for r in results if r.parameters), None)
+    size = f"{parameters} parameters = {4 * parameters / MEGABYTE:.2f} MB as float32" if parameters else "?"
+    return f"# model: ring8 MLP width {width}: {size}"
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Unwind on SIGTERM too (and on SIGINT even when started in the background, where it is ignored), so
+    # every NetnsCluster's `with` kills its processes and deletes its namespaces.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    args = parse_arguments(argv)
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        print(f"cluster_bench: {reason} (run with sudo)", file=sys.stderr)
+        return 2
+    remove_stale_namespaces()
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO / "runs" / "cluster_bench" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    workload = Workload("ring8", args.width, args.batch_size, args.seed)
+    header = [
+        f"# machine: {machine_description()}",
+        f"# date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average at start "
+        + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        f"# command: {' '.join([sys.executable, *sys.argv])}",
+        f"# workload: ring8, MLP width {args.width}, batch {args.batch_size} per node, seed {args.seed}",
+    ]
+    print("\n".join(header), flush=True)
+    started = time.time()
+    document: dict[str, Any] = {"header": header, "arguments": vars(args) | {"out": str(out)}}
+    results: list[LaunchResult] = []
+    quality_timing: list[LaunchResult] = []
+
+    def save() -> None:
+        document["results"] = [asdict(r) for r in results]
+        document["quality_timing"] = [asdict(r) for r in quality_timing]
+        (out / "results.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+    document["tables"] = []
+    if not args.no_timing:
+        results += run_matrix(args.nodes, args.systems, workload, args, out, save)
+        header.append(model_line(results, args.width))
+        print(header[-1])
+        document["tables"] += print_tables(results, args.rates) + goal_lines(results)
+        save()
+    if args.quality:
+        quality_workload = Workload("ring8", args.quality_width, args.batch_size, args.seed)
+        # Seconds per iteration of the quality model, to turn iterations to the target into wall time.
+        timed = list(
+            dict.fromkeys(args.quality_systems + (["ps"] if "allreduce" in args.quality_systems else []))
+        )
+        quality_timing += run_matrix(args.quality_nodes, timed, quality_workload, args, out, save)
+        document["tables"] += [
+            "",
+            f"## Quality model timing ({model_line(quality_timing, args.quality_width)[2:]})",
+        ]
+        document["tables"] += print_tables(quality_timing, args.rates)
+        records = []
+        for n in args.quality_nodes:
+            print(f"== quality, {n} nodes, width {args.quality_width}", flush=True)
+            records += quality_runs(args, quality_workload, n)
+        document["quality"] = records
+        document["tables"] += quality_table(records, quality_timing, args)
+    if args.overhead:
+        print("== agent overhead (bench/agent_overhead.py)", flush=True)
+        command = [sys.executable, str(REPO / "bench" / "agent_overhead.py"), "--width", str(args.width),
+                   "--batch-size", str(args.batch_size)]  # fmt: skip
+        overhead = subprocess.run(command, capture_output=True, text=True, check=False)
+        print(overhead.stdout + overhead.stderr[-2000:], flush=True)
+        document["tables"] += ["", "### Agent overhead, one node", "", f"`{' '.join(command)}`", ""]
+        document["tables"] += overhead.stdout.splitlines()
+    document["seconds"] = time.time() - started
+    save()
+    (out / "tables.md").write_text("\n".join(header + document["tables"]) + "\n")
+    if args.plot:
+        from plot import plot_time_per_iteration  # bench/ is on sys.path when run as a script
+
+        plot_time_per_iteration(out / "results.json", args.plot)
+        print(f"plot: {args.plot}")
+    print(f"results: {out / 'results.json'}; total {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stopped:
+        # The clusters were torn down while unwinding; results.json holds the launches finished so far.
+        print(f"cluster_bench: interrupted ({stopped})", file=sys.stderr)
+        sys.exit(130)
