@@ -109,9 +109,12 @@ class GanProblem:
         """Both players' gradients at z, from one minibatch: (∂L_G/∂u, ∂L_D/∂v)."""
         boundary = self.layout.generator_numel
         with torch.enable_grad():
-            u = z[:boundary].detach().requires_grad_(True)
-            v = z[boundary:].detach().requires_grad_(True)
-            generator_params, discriminator_params = self._split_views(u, v)
+            # One leaf per parameter view: differentiating w.r.t. the whole flat vectors would make
+            # autograd fill a zero vector per slice and add into it (same values, ~15% slower step).
+            point = z.detach()
+            generator_params, discriminator_params = self._split_views(point[:boundary], point[boundary:])
+            for view in (*generator_params.values(), *discriminator_params.values()):
+                view.requires_grad_(True)
             fake = functional_call(self.generator, generator_params, (noise,))
             d_real = functional_call(self.discriminator, discriminator_params, (real,))
             d_fake = functional_call(self.discriminator, discriminator_params, (fake,))
@@ -123,9 +126,10 @@ class GanProblem:
 
                 loss_d = loss_d + self.gp_weight * gradient_penalty(critic, real, fake.detach(), stream)
             loss_g = generator_loss(self.loss, d_fake)
-            (grad_v,) = torch.autograd.grad(loss_d, v, retain_graph=True)
-            (grad_u,) = torch.autograd.grad(loss_g, u)
-        return torch.cat([grad_u, grad_v]), loss_g.detach(), loss_d.detach()
+            grads_v = torch.autograd.grad(loss_d, tuple(discriminator_params.values()), retain_graph=True)
+            grads_u = torch.autograd.grad(loss_g, tuple(generator_params.values()))
+        flat = [g.reshape(-1) for g in (*grads_u, *grads_v)]
+        return torch.cat(flat), loss_g.detach(), loss_d.detach()
 
     def node_operator(self, data: NodeData, stream: torch.Generator) -> NodeOperator:
         return NodeOperator(self, data, stream)
