@@ -5,27 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from agent.node.local import free_ports
 
 # The cluster-wide keys of the equivalence configuration (shared by the agents and the simulator).
 EQUIVALENCE_FLAGS = [
     "--dataset", "ring8", "--topology", "ring", "--rounds", "2", "--iterations", "50",
     "--eval-every", "50", "--eval-samples", "200", "--seed", "7",
 ]  # fmt: skip
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start_agents(tmp_path: Path, count: int, flags: list[str], extra: dict[int, list[str]] | None = None):

@@ -9,7 +9,6 @@ so the random numbers a node consumes do not depend on how many nodes share the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,12 +31,6 @@ from agent.core.mixing import MixingError, Row, mix_all
 
 RowsFn = Callable[[int], Sequence[Row]]  # global gossip round index -> one mixing row per node
 BatchedGradientFn = Callable[[torch.Tensor], torch.Tensor]  # (n, d) points -> (n, d) gradients, row i = T_i
-
-
-@dataclass(frozen=True)
-class IterationTiming:
-    compute_seconds: float
-    mixing_seconds: float
 
 
 def gossip(states: torch.Tensor, rows_at: RowsFn, first_round: int, rounds: int) -> torch.Tensor:
@@ -248,7 +241,3 @@ class VectorizedCluster(VirtualCluster):
         self.stacked_state = advance(self.algorithm, self.stacked_state, mixed, gradients, self.hyper)
         self.states = self._unstacked()
         self.iteration += 1
-
-
-def node_states_tensors(states: Sequence[NodeState]) -> list[dict[str, torch.Tensor]]:
-    return [s.tensors() for s in states]

@@ -101,15 +101,6 @@ class ParameterLayout:
             spec.name: flat[spec.offset : spec.offset + spec.numel].view(spec.shape) for spec in self.tensors
         }
 
-    def player_views(self, flat: torch.Tensor, player: str) -> dict[str, torch.Tensor]:
-        """Views of one player's tensors, keyed by the name inside that player's module."""
-        prefix = f"{player}."
-        return {
-            name.removeprefix(prefix): view
-            for name, view in self.views(flat).items()
-            if name.startswith(prefix)
-        }
-
     def check_names(self, tensors: Mapping[str, torch.Tensor]) -> None:
         expected, given = set(self.names), set(tensors)
         if expected != given:

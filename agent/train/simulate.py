@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from agent.checkpoint import Checkpoint, save_checkpoint, write_atomic
+from agent.checkpoint import Checkpoint, save_checkpoint
 from agent.core.algorithms import Hyper, NodeState
 from agent.core.config import TrainConfig
 from agent.core.engine import VectorizedCluster, VirtualCluster
 from agent.core.topology import MixingSchedule, make_schedule
+from agent.files import write_atomic
 from agent.train.batched import BatchedGanOperator
 from agent.train.data import load_dataset, partition
 from agent.train.evaluate import Evaluator
