@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from agent.allocator import keep_freed_memory
 from agent.configfile import add_config_flags, config_from_args
 from agent.logs import configure_logging, get_logger
 
@@ -47,6 +48,7 @@ def simulate_main(argv: Sequence[str]) -> int:
         return 2
     from agent.train.simulate import run_simulation  # heavy imports after argument checks
 
+    keep_freed_memory()
     torch.set_num_threads(config.threads)
     log.info(
         "simulation starting",

@@ -10,7 +10,9 @@ a token bucket (tbf, both directions) to each rate in ``--rates`` ("none" = the 
 Systems, all on the same model, per-node batch, data split and per-node random streams:
   ring           dpgan-agent, DPOSG on a ring, t = 1 gossip round per iteration
   ring-t2        dpgan-agent, ring, t = 2
-  one-peer-exp   dpgan-agent, one-peer exponential graph (one partner per iteration, log2 n period)
+  one-peer-exp   dpgan-agent, one-peer exponential graph (one partner per iteration, log2 n period),
+                 paced pushes (a vector goes out once the partner has entered that round)
+  one-peer-exp-eager   the same with --pace off (every vector pushed as soon as it exists)
   ring-bf16      dpgan-agent, ring, t = 1, bfloat16 on the wire
   allreduce      CPOSG, gradients averaged by torch.distributed gloo all_reduce (bench/baselines.py)
   ps             CPOSG through a parameter server on host 0 (bench/baselines.py)
@@ -84,6 +86,7 @@ class System:
     topology: str = "ring"
     rounds: int = 1
     wire_dtype: str = "float32"
+    pace: str = "auto"  # the agents' --pace (auto: paced on time-varying graphs)
 
 
 SYSTEMS: dict[str, System] = {
@@ -92,6 +95,13 @@ SYSTEMS: dict[str, System] = {
         System("ring", "DPOSG ring, t=1", "agent"),
         System("ring-t2", "DPOSG ring, t=2", "agent", rounds=2),
         System("one-peer-exp", "DPOSG one-peer exponential", "agent", topology="one_peer_exponential"),
+        System(
+            "one-peer-exp-eager",
+            "DPOSG one-peer exponential, unpaced",
+            "agent",
+            topology="one_peer_exponential",
+            pace="off",
+        ),
         System("ring-bf16", "DPOSG ring, t=1, bf16 wire", "agent", wire_dtype="bfloat16"),
         System("allreduce", "CPOSG gloo all-reduce", "allreduce"),
         System("ps", "CPOSG parameter server", "ps"),
@@ -335,7 +345,7 @@ class Launch:
                     "--log-format", "json", "--log-every", "1", "--checkpoint-every", str(ENDLESS),
                     "--round-timeout", str(self.round_timeout), "--startup-timeout", "300",
                     "--topology", self.system.topology, "--rounds", str(self.system.rounds),
-                    "--wire-dtype", self.system.wire_dtype, *config,
+                    "--wire-dtype", self.system.wire_dtype, "--pace", self.system.pace, *config,
                 ]  # fmt: skip
                 self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
             return

@@ -121,7 +121,15 @@ def extrapolate(
     if algorithm == "sgda":
         return x_mixed
     assert state.direction is not None, f"{algorithm} state lacks its previous direction"
-    return x_mixed - hyper.lr * state.direction
+    return _step(x_mixed, hyper.lr, state.direction)
+
+
+def _step(x: torch.Tensor, lr: float, direction: torch.Tensor) -> torch.Tensor:
+    """``x − lr·direction`` with the same bits, in one new tensor instead of two: the product is
+    overwritten by the difference. Fresh ~1 MB tensors are page-faulted anew by the allocator, and these
+    two steps were 15% of a local iteration (see docs/benchmarks.md, agent overhead)."""
+    scaled = direction * lr
+    return torch.sub(x, scaled, out=scaled)
 
 
 def advance(
@@ -129,9 +137,9 @@ def advance(
 ) -> NodeState:
     """The node's new state from the mixed point and the gradient taken at ``extrapolate(...)``."""
     if algorithm in ("dposg", "cposg"):
-        return NodeState(x=x_mixed - hyper.lr * gradient, direction=gradient, step=state.step + 1)
+        return NodeState(x=_step(x_mixed, hyper.lr, gradient), direction=gradient, step=state.step + 1)
     if algorithm == "sgda":
-        return NodeState(x=x_mixed - hyper.lr * gradient, step=state.step + 1)
+        return NodeState(x=_step(x_mixed, hyper.lr, gradient), step=state.step + 1)
     if algorithm == "dpoadam":
         assert state.moment1 is not None and state.moment2 is not None
         step = state.step + 1
@@ -142,7 +150,7 @@ def advance(
         direction = corrected1 / (corrected2.sqrt() + hyper.eps)
         return replace(
             state,
-            x=x_mixed - hyper.lr * direction,
+            x=_step(x_mixed, hyper.lr, direction),
             direction=direction,
             moment1=moment1,
             moment2=moment2,

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,7 @@ from agent.transport.client import PeerRpcError, PeerUnavailable
 from agent.transport.codec import PROTOCOL_VERSION, PeerIdentity, StateSnapshot, WireError, prepare_vector
 from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES
+from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -70,6 +74,12 @@ PUSH_RETRY_SECONDS = 0.01
 # graphs (one-peer exponential) drift apart by up to one period of the schedule (log2 n iterations):
 # 16 iterations' worth covers clusters of up to 2^16 nodes.
 AHEAD_ITERATIONS = 16
+
+
+def _init_compute_thread(threads: int) -> None:
+    # torch's intra-op thread count is per OS thread (an OpenMP setting): a fresh worker thread would
+    # run every op with one thread per core, which cost ~0.5 ms per local step on 2 cores.
+    torch.set_num_threads(threads)
 
 
 class StopRequested(Exception):
@@ -105,6 +115,9 @@ class AgentOptions:
     dns_names: tuple[str, ...] = ()
     dns_interval: float = 5.0
     interfaces: tuple[str, ...] | None = None
+    # Paced pushes (agent/transport/positions.py): "auto" paces on time-varying graphs, where partners
+    # change every round and drift apart; "on" and "off" force it.
+    pace: str = "auto"
 
 
 @dataclass
@@ -146,6 +159,7 @@ class PeerAgent:
             self.identity, self.source, self._status, self.log, probe_interval=options.probe_interval
         )
         self.inbox = Inbox(rounds_per_iteration=config.rounds, ahead_window=AHEAD_ITERATIONS * config.rounds)
+        self.positions = PeerPositions()
         self.server = GossipServer(
             identity=self.identity,
             inbox=self.inbox,
@@ -156,6 +170,7 @@ class PeerAgent:
             host=options.listen_host,
             port=options.listen_port,
             device=self.device,
+            positions=self.positions,
         )
         self.hyper = hyper_from(config)
         self.stop_requested = asyncio.Event()
@@ -171,6 +186,18 @@ class PeerAgent:
         self.operator: NodeOperator | None = None
         self.boundary_state: tuple[int, NodeState] | None = None
         self.mismatch_logged: set[tuple[str, int]] = set()
+        # All torch work runs on this one thread, off the event loop that serves gRPC: steps, mixing,
+        # encoding, evaluation and checkpoints never overlap, and the thread keeps its torch settings.
+        self.compute = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"dpgan-compute-{options.node_id}",
+            initializer=_init_compute_thread,
+            initargs=(config.threads,),
+        )
+
+    async def _in_compute(self, function: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.compute, functools.partial(function, *args))
 
     def _discovery(self) -> PeerTable:
         options = self.options
@@ -310,7 +337,7 @@ class PeerAgent:
         else:
             assert self.operator is not None
             needs_gradient = needs_initial_gradient(self.algorithm)
-            initial = await asyncio.to_thread(self.operator, self.problem.x0) if needs_gradient else None
+            initial = await self._in_compute(self.operator, self.problem.x0) if needs_gradient else None
             self.state = initial_state(self.algorithm, self.problem.x0, initial)
         self.iteration = start
         self.ready_from = start
@@ -397,12 +424,53 @@ class PeerAgent:
             if event is PeerEvent.UNREACHABLE:
                 self.registry.mark_dead(node_id, reason)
 
-    async def _push(self, node_id: str, wire: Any, iteration: int, round_: int, traffic: Traffic) -> None:
+    def _paced(self) -> bool:
+        pace = self.options.pace
+        return pace == "on" or (pace == "auto" and self.schedule.period > 1)
+
+    async def _announce(self, node_id: str, iteration: int, round_: int) -> bool:
+        """Tell a neighbour of this round that we entered it; False if it cannot be reached."""
+        client = self.registry.clients.get(node_id)
+        if client is None:
+            return False  # _push records it
+        try:
+            ack = await client.announce(
+                iteration=iteration, round=round_, epoch=self.view.epoch, timeout=self.options.round_timeout
+            )
+        except PeerUnavailable as error:
+            self._record(node_id, PeerEvent.UNREACHABLE, str(error))
+            return False
+        except PeerRpcError as error:
+            self.log.debug("announce failed", neighbour=node_id, error=str(error))
+            return True
+        if not ack.accepted:
+            self.log.debug("announce refused", neighbour=node_id, reason=ack.reason)
+        return True
+
+    async def _push(
+        self,
+        node_id: str,
+        wire: Any,
+        iteration: int,
+        round_: int,
+        traffic: Traffic,
+        announcement: asyncio.Future[bool] | None = None,
+    ) -> None:
+        deadline = time.monotonic() + self.options.round_timeout
+        if announcement is not None:
+            # Paced: send only once the neighbour is in this round too (or the deadline is near:
+            # then push anyway, and its inbox buffers or refuses as without pacing).
+            if not await announcement:
+                if self.registry.clients.get(node_id) is None:
+                    self._record(node_id, PeerEvent.UNREACHABLE, "no connection")
+                return
+            position = (iteration, round_)
+            if not await self.positions.wait_reached(node_id, position, deadline - time.monotonic()):
+                self.log.debug("neighbour did not announce the round; pushing anyway", neighbour=node_id)
         client = self.registry.clients.get(node_id)
         if client is None:
             self._record(node_id, PeerEvent.UNREACHABLE, "no connection")
             return
-        deadline = time.monotonic() + self.options.round_timeout
         sent_before = client.bytes_sent
         try:
             while True:
@@ -460,9 +528,26 @@ class PeerAgent:
         self.inbox.expect(iteration, round_)
         if not live:
             return x if len(row) == 1 else mix_row(renormalized_row(row, {self.index}), {self.index: x})
-        wire = await asyncio.to_thread(prepare_vector, x, self.config.wire_dtype)
-        received_before = self.server.bytes_received
-        await asyncio.gather(*(self._push(node_id, wire, iteration, round_, traffic) for node_id in live))
+        # Announce first, so neighbours already in this round can send to us while we encode.
+        announcements: dict[str, asyncio.Future[bool]] = (
+            {n: asyncio.ensure_future(self._announce(n, iteration, round_)) for n in live}
+            if self._paced()
+            else {}
+        )
+        try:
+            wire = await self._in_compute(prepare_vector, x, self.config.wire_dtype)
+            received_before = self.server.bytes_received
+            await self._until_stop(
+                asyncio.gather(
+                    *(
+                        self._push(node_id, wire, iteration, round_, traffic, announcements.get(node_id))
+                        for node_id in live
+                    )
+                )
+            )
+        finally:
+            for task in announcements.values():
+                task.cancel()
         reachable = [node_id for node_id in live if self.health[node_id].alive]
         messages = await self._until_stop(
             self.inbox.wait_for_messages(iteration, round_, reachable, timeout=self.options.round_timeout)
@@ -491,7 +576,7 @@ class PeerAgent:
             self.log.info(
                 "round mixed without neighbours", iteration=iteration, round=round_, missing=left_out
             )
-        return await asyncio.to_thread(mix_row, row, vectors)
+        return await self._in_compute(mix_row, row, vectors)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -511,7 +596,7 @@ class PeerAgent:
                     return None
         traffic.communication_seconds = time.perf_counter() - started
         compute_started = time.perf_counter()
-        self.state = await asyncio.to_thread(
+        self.state = await self._in_compute(
             local_iteration, self.algorithm, self.state, x, self.operator, self.hyper
         )
         traffic.compute_seconds = time.perf_counter() - compute_started
@@ -560,13 +645,13 @@ class PeerAgent:
                     members=self.view.size,
                 )
             if k % self.options.checkpoint_every == 0:
-                await asyncio.to_thread(self._checkpoint, CHECKPOINT_NAME)
+                await self._in_compute(self._checkpoint, CHECKPOINT_NAME)
             if k % config.eval_every == 0 or k == config.iterations:
                 record = {
                     "iteration": k,
                     "node": self.options.node_id,
                     "wall_seconds": round(time.perf_counter() - started, 3),
-                    "quality": await asyncio.to_thread(evaluator.evaluate, self.problem, self.state.x),
+                    "quality": await self._in_compute(evaluator.evaluate, self.problem, self.state.x),
                     "members": self.view.size,
                     **self.operator.losses(),
                 }
@@ -574,9 +659,9 @@ class PeerAgent:
                     handle.write(json.dumps(record) + "\n")
         self.training = False
         finished = self.iteration >= config.iterations
-        await asyncio.to_thread(self._checkpoint, CHECKPOINT_NAME)
+        await self._in_compute(self._checkpoint, CHECKPOINT_NAME)
         if finished:
-            await asyncio.to_thread(self._checkpoint, FINAL_NAME)
+            await self._in_compute(self._checkpoint, FINAL_NAME)
             assert self.state is not None
             evaluator.save_samples(self.problem, self.state.x, out / "samples-final.png")
         summary = {
@@ -591,6 +676,9 @@ class PeerAgent:
             "communication_seconds": round(totals.communication_seconds, 3),
             "bytes_sent": totals.bytes_sent,
             "bytes_received": totals.bytes_received,
+            "paced_pushes": self._paced(),
+            # How neighbours' pushes met this node's inbox: with paced pushes none arrive ahead.
+            "pushes_received": {outcome.value: count for outcome, count in self.inbox.outcome_counts.items()},
             "final": record,
             "parameters": self.problem.layout.numel,
             "schema_hash": self.identity.schema_hash,
@@ -631,3 +719,4 @@ class PeerAgent:
         if isinstance(self.source, PeerTable):
             await self.source.stop()  # sends the mDNS goodbye
         await self.server.stop(grace=1.0)
+        self.compute.shutdown(wait=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from agent.allocator import keep_freed_memory
 from agent.configfile import add_config_flags, config_from_args
 from agent.core.membership import MembershipError, check_node_id
 from agent.logs import configure_logging, get_logger
@@ -69,6 +70,13 @@ def agent_parser() -> argparse.ArgumentParser:
         help="iterations between membership-view boundaries (cluster-wide)",
     )
     parser.add_argument("--probe-interval", type=float, default=1.0, help="seconds between liveness probes")
+    parser.add_argument(
+        "--pace",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="send a round's vector only once the neighbour has entered that round "
+        "(auto: on time-varying graphs such as one_peer_exponential)",
+    )
     parser.add_argument(
         "--discovery",
         choices=("mdns", "none"),
@@ -137,6 +145,7 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         round_timeout=args.round_timeout,
+        pace=args.pace,
         startup_timeout=args.startup_timeout,
         chunk_bytes=args.chunk_bytes,
         min_peers=args.min_peers,
@@ -187,6 +196,7 @@ def agent_main(argv: Sequence[str]) -> int:
     except (ValueError, MembershipError) as error:
         print(f"dpgan-agent: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    keep_freed_memory()
     torch.set_num_threads(config.threads)
     from agent.checkpoint import CheckpointError
     from agent.node.agent import AgentError, PeerAgent

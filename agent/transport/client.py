@@ -204,6 +204,24 @@ class PeerClient:
             raise self._translate(error, "PushVector") from error
         return ack
 
+    async def announce(
+        self, *, iteration: int, round: int, epoch: int | None = None, timeout: float | None = None
+    ) -> pb.AnnounceAck:
+        """Tell the peer this node has entered gossip round (iteration, round): it may push its vector
+        for that round now (paced pushes). A refusal is a normal ack with accepted=False."""
+        identity = self._require_handshake("announce")
+        request = pb.RoundAnnouncement(
+            sender_id=identity.node_id,
+            iteration=iteration,
+            round=round,
+            membership_epoch=identity.membership_epoch if epoch is None else epoch,
+        )
+        try:
+            ack: pb.AnnounceAck = await self._stub.Announce(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error, "Announce") from error
+        return ack
+
     async def fetch_state(
         self,
         names: Sequence[str] = (),

@@ -36,6 +36,7 @@ from agent.transport.codec import (
 )
 from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
 from agent.transport.options import DEFAULT_CHUNK_BYTES, server_options, validate_chunk_bytes
+from agent.transport.positions import PeerPositions
 
 HandshakePolicy = Callable[[pb.HandshakeRequest], tuple[bool, str]]
 StateProvider = Callable[[], StateSnapshot | Awaitable[StateSnapshot]]
@@ -110,6 +111,7 @@ class GossipServer:
         port: int = 0,
         device: torch.device | str = "cpu",
         state_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        positions: PeerPositions | None = None,
     ) -> None:
         if vector_length < 0:
             raise ValueError(f"vector_length must be >= 0, got {vector_length}")
@@ -117,6 +119,7 @@ class GossipServer:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self._identity = identity
         self._inbox = inbox
+        self._positions = positions
         self._vector_length = vector_length
         self._handshake_policy = handshake_policy or default_handshake_policy(identity)
         self._state_provider = state_provider
@@ -244,6 +247,11 @@ class GossipServer:
                 request_deserializer=pb.StateRequest.FromString,
                 response_serializer=None,  # codec.encode_state yields serialized VectorChunks
             ),
+            "Announce": grpc.unary_unary_rpc_method_handler(
+                self._rpc_announce,
+                request_deserializer=pb.RoundAnnouncement.FromString,
+                response_serializer=pb.AnnounceAck.SerializeToString,
+            ),
         }
 
     async def _rpc_handshake(
@@ -261,6 +269,20 @@ class GossipServer:
     ) -> AsyncIterator[bytes]:
         async for frame in self._handle_fetch_state(request, context):
             yield frame
+
+    async def _rpc_announce(
+        self, request: pb.RoundAnnouncement, context: grpc.aio.ServicerContext
+    ) -> pb.AnnounceAck:
+        if request.sender_id not in self._peers:
+            reason = (
+                f"node {request.sender_id!r} has not completed a handshake with "
+                f"{self._identity.node_id!r}; handshake before announcing"
+            )
+            self._log_once(request.sender_id or context.peer(), "announce_refused", reason)
+            return pb.AnnounceAck(accepted=False, reason=reason)
+        if self._positions is not None:
+            await self._positions.announce(request.sender_id, request.iteration, request.round)
+        return pb.AnnounceAck(accepted=True)
 
     def _handle_handshake(self, request: pb.HandshakeRequest, peer: str) -> pb.HandshakeResponse:
         reason = self._transport_refusal(request)

@@ -152,3 +152,23 @@ class StateRequest(_message.Message):
     names: _containers.RepeatedScalarFieldContainer[str]
     chunk_bytes: int
     def __init__(self, requester_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class RoundAnnouncement(_message.Message):
+    __slots__ = ("sender_id", "iteration", "round", "membership_epoch")
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    sender_id: str
+    iteration: int
+    round: int
+    membership_epoch: int
+    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ...) -> None: ...
+
+class AnnounceAck(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,11 @@ class GossipStub:
                 request_serializer=dpgan_dot_v1_dot_dpgan__pb2.StateRequest.SerializeToString,
                 response_deserializer=dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.FromString,
                 _registered_method=True)
+        self.Announce = channel.unary_unary(
+                '/dpgan.v1.Gossip/Announce',
+                request_serializer=dpgan_dot_v1_dot_dpgan__pb2.RoundAnnouncement.SerializeToString,
+                response_deserializer=dpgan_dot_v1_dot_dpgan__pb2.AnnounceAck.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -78,6 +83,15 @@ class GossipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Announce(self, request, context):
+        """A node tells a neighbour of a gossip round that it has entered that round. Pushes are paced by it:
+        a node sends its vector for a round only once the receiver has entered that round, so a node that
+        runs ahead does not share the receiver's downlink with the transfer the receiver is still waiting for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=dpgan_dot_v1_dot_dpgan__pb2.StateRequest.FromString,
                     response_serializer=dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.SerializeToString,
+            ),
+            'Announce': grpc.unary_unary_rpc_method_handler(
+                    servicer.Announce,
+                    request_deserializer=dpgan_dot_v1_dot_dpgan__pb2.RoundAnnouncement.FromString,
+                    response_serializer=dpgan_dot_v1_dot_dpgan__pb2.AnnounceAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class Gossip:
             '/dpgan.v1.Gossip/FetchState',
             dpgan_dot_v1_dot_dpgan__pb2.StateRequest.SerializeToString,
             dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Announce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpgan.v1.Gossip/Announce',
+            dpgan_dot_v1_dot_dpgan__pb2.RoundAnnouncement.SerializeToString,
+            dpgan_dot_v1_dot_dpgan__pb2.AnnounceAck.FromString,
             options,
             channel_credentials,
             insecure,
