@@ -163,15 +163,20 @@ def main() -> None:
         started = time.time()
         agent_rates.append(run_agent(args))
         plain_rates.append(run_plain(args))
-        print(f"  repeat {repeat + 1}: agent {agent_rates[-1]:.1f} it/s, plain {plain_rates[-1]:.1f} it/s "
+        print(f"  repeat {repeat + 1}: agent {agent_rates[-1]:.1f} it/s, plain {plain_rates[-1]:.1f} it/s, "
+              f"ratio {agent_rates[-1] / plain_rates[-1]:.3f} "
               f"({time.time() - started:.0f} s, load {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
     agent, plain = statistics.median(agent_rates), statistics.median(plain_rates)
+    # Each agent run is paired with the plain run right after it, so a ratio per pair cancels most of
+    # the machine's load drift; their median is the steadier figure on a shared machine.
+    paired = statistics.median(a / p for a, p in zip(agent_rates, plain_rates, strict=True))
     print("| loop | iterations/s (median) | min–max |")
     print("|---|---:|---:|")
     print(f"| dpgan-agent, one node | {agent:.1f} | {min(agent_rates):.1f}–{max(agent_rates):.1f} |")
     print(f"| plain PyTorch | {plain:.1f} | {min(plain_rates):.1f}–{max(plain_rates):.1f} |")
-    verdict = "met" if agent / plain >= 0.95 else "missed"
-    print(f"\nagent / plain = {agent / plain:.3f} (goal ≥ 0.95: {verdict})")
+    verdict = "met" if min(agent / plain, paired) >= 0.95 else "missed"
+    print(f"\nagent / plain = {agent / plain:.3f} (ratio of medians), {paired:.3f} (median of paired "
+          f"ratios); goal ≥ 0.95: {verdict}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 Every transport moves the same float32 bytes from a sender process to a separate receiver process
 and is timed on the sender from the start of the send until the receiver's acknowledgement arrives
-(for gRPC: the PushAck, sent after the vector was validated and delivered to the inbox). Reported:
-median over --repeats timed runs after one warm-up.
+(for gRPC: the PushAck, sent after the vector was validated and delivered to the inbox). Each round
+runs every transport once (median over --repeats timed runs after one warm-up); rounds are interleaved
+so that all transports see the same machine load. Reported per transport and size: the median over
+rounds of those medians, the median over rounds of the ratio to gloo *in the same round*, and the CPU
+time per exchange of the sending and the receiving process (all threads; steadier than wall time on a
+shared machine). Every process tunes malloc as the agent does at startup (agent.allocator).
 
-    python bench/transport_throughput.py                 # 1, 16, 64 MiB, 7 repeats
-    python bench/transport_throughput.py --sizes-mb 16 --repeats 3 --chunk-bytes 4194304
+    python bench/transport_throughput.py                 # 1, 16, 64 MiB, 7 repeats, 3 rounds
+    python bench/transport_throughput.py --sizes-mb 16 --repeats 3 --rounds 1 --chunk-bytes 4194304
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import struct
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import NamedTuple
 
 import structlog
 import torch
 
+from agent.allocator import keep_freed_memory
 from agent.transport.client import PeerClient
 from agent.transport.codec import PeerIdentity, prepare_vector
 from agent.transport.inbox import Inbox
@@ -57,24 +63,49 @@ def element_count(size_mb: int) -> int:
     return size_mb * MIB // 4
 
 
+class Measured(NamedTuple):
+    """One transport, one vector size, one round."""
+
+    seconds: list[float]  # wall time of each timed exchange, on the sender
+    sender_cpu: float  # CPU seconds per exchange, sending process (all threads)
+    receiver_cpu: float  # CPU seconds per exchange, receiving process (all threads)
+
+
+def cpu_per_exchange(marks: list[float]) -> float:
+    """CPU seconds per exchange from process_time() taken after the warm-up and after each exchange."""
+    return (marks[-1] - marks[0]) / (len(marks) - 1)
+
+
+def start_process(*, target: Callable[..., None], args: tuple) -> mp.process.BaseProcess:
+    process = mp.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    return process
+
+
 # ---- gRPC -------------------------------------------------------------------------------------------
 
 
 def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection) -> None:
     quiet_logs()
+    keep_freed_memory()
     torch.set_num_threads(1)
 
     async def serve() -> None:
         servers: list[GossipServer] = []
         consumers: list[asyncio.Task[None]] = []
+        cpu: dict[int, float] = {}
 
-        async def consume(inbox: Inbox) -> None:
+        async def consume(size_mb: int, inbox: Inbox) -> None:
             # Plays the agent's part: advance the inbox and take each vector, so memory is released.
+            marks = []
             for iteration in range(pushes_per_size):
                 inbox.expect(iteration, 0)
                 received = await inbox.wait_for(iteration, 0, {SENDER_ID}, timeout=600)
                 if SENDER_ID not in received:
                     raise RuntimeError(f"receiver timed out waiting for iteration {iteration}")
+                del received
+                marks.append(time.process_time())
+            cpu[size_mb] = cpu_per_exchange(marks)
 
         for size_mb in sizes_mb:
             inbox = Inbox(rounds_per_iteration=1)
@@ -83,9 +114,10 @@ def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection
             )
             await server.start()
             servers.append(server)
-            consumers.append(asyncio.create_task(consume(inbox)))
+            consumers.append(asyncio.create_task(consume(size_mb, inbox)))
         control.send([server.bound_port for server in servers])
         await asyncio.gather(*consumers)
+        control.send(cpu)
         for server in servers:
             await server.stop(1)
 
@@ -94,13 +126,12 @@ def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection
 
 def bench_grpc(
     sizes_mb: list[int], repeats: int, chunk_bytes: int, wire_dtype: str, prepared: bool
-) -> dict[int, list[float]]:
-    context = mp.get_context("spawn")
-    parent_end, child_end = context.Pipe()
-    receiver = context.Process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end))
-    receiver.start()
+) -> dict[int, Measured]:
+    parent_end, child_end = mp.get_context("spawn").Pipe()
+    receiver = start_process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end))
     ports = parent_end.recv()
     timings: dict[int, list[float]] = {}
+    sender_cpu: dict[int, float] = {}
 
     async def send() -> None:
         for size_mb, port in zip(sizes_mb, ports, strict=True):
@@ -108,27 +139,32 @@ def bench_grpc(
             source = prepare_vector(vector, wire_dtype) if prepared else vector
             async with PeerClient(f"127.0.0.1:{port}", default_timeout=600) as client:
                 await client.handshake(bench_identity(SENDER_ID))
-                samples = []
+                samples, marks = [], []
                 for iteration in range(repeats + 1):
                     started = time.perf_counter()
                     ack = await client.push_vector(
                         source, iteration=iteration, round=0, wire_dtype=wire_dtype, chunk_bytes=chunk_bytes
                     )
                     elapsed = time.perf_counter() - started
+                    marks.append(time.process_time())
                     if not ack.accepted:
                         raise RuntimeError(f"push refused: {ack.reason}")
                     samples.append(elapsed)
                 timings[size_mb] = samples[1:]  # first push warms up the connection and allocator
+                sender_cpu[size_mb] = cpu_per_exchange(marks)
 
     asyncio.run(send())
+    receiver_cpu = parent_end.recv()
     receiver.join(timeout=60)
-    return timings
+    return {size: Measured(timings[size], sender_cpu[size], receiver_cpu[size]) for size in sizes_mb}
 
 
 # ---- raw TCP ----------------------------------------------------------------------------------------
 
 
 def tcp_receiver(messages: int, control: Connection) -> None:
+    keep_freed_memory()
+    marks = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         control.send(listener.getsockname()[1])
         connection, _ = listener.accept()
@@ -144,21 +180,23 @@ def tcp_receiver(messages: int, control: Connection) -> None:
                     if count == 0:
                         raise ConnectionError("sender closed mid-message")
                     received += count
+                del buffer, view
+                marks.append(time.process_time())
                 connection.sendall(b"\x01")
+    control.send(marks)
 
 
-def bench_tcp(sizes_mb: list[int], repeats: int) -> dict[int, list[float]]:
-    context = mp.get_context("spawn")
-    parent_end, child_end = context.Pipe()
-    receiver = context.Process(target=tcp_receiver, args=(len(sizes_mb) * (repeats + 1), child_end))
-    receiver.start()
+def bench_tcp(sizes_mb: list[int], repeats: int) -> dict[int, Measured]:
+    parent_end, child_end = mp.get_context("spawn").Pipe()
+    receiver = start_process(target=tcp_receiver, args=(len(sizes_mb) * (repeats + 1), child_end))
     port = parent_end.recv()
     timings: dict[int, list[float]] = {}
+    sender_cpu: dict[int, float] = {}
     with socket.create_connection(("127.0.0.1", port)) as connection:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for size_mb in sizes_mb:
             payload = memoryview(torch.randn(element_count(size_mb)).numpy()).cast("B")
-            samples = []
+            samples, marks = [], []
             for _ in range(repeats + 1):
                 started = time.perf_counter()
                 connection.sendall(_LENGTH_PREFIX.pack(payload.nbytes))
@@ -166,23 +204,36 @@ def bench_tcp(sizes_mb: list[int], repeats: int) -> dict[int, list[float]]:
                 if connection.recv(1, socket.MSG_WAITALL) != b"\x01":
                     raise ConnectionError("receiver did not acknowledge")
                 samples.append(time.perf_counter() - started)
+                marks.append(time.process_time())
             timings[size_mb] = samples[1:]
+            sender_cpu[size_mb] = cpu_per_exchange(marks)
+    receiver_marks = parent_end.recv()
     receiver.join(timeout=60)
-    return timings
+    per_size = repeats + 1
+    return {
+        size: Measured(
+            timings[size],
+            sender_cpu[size],
+            cpu_per_exchange(receiver_marks[index * per_size : (index + 1) * per_size]),
+        )
+        for index, size in enumerate(sizes_mb)
+    }
 
 
 # ---- gloo -------------------------------------------------------------------------------------------
 
 
-def gloo_worker(rank: int, port: int, sizes_mb: list[int], repeats: int, control: Connection | None) -> None:
+def gloo_worker(rank: int, port: int, sizes_mb: list[int], repeats: int, control: Connection) -> None:
     import torch.distributed as dist
 
+    keep_freed_memory()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         ack = torch.zeros(1)
         timings: dict[int, list[float]] = {}
+        cpu: dict[int, float] = {}
         for size_mb in sizes_mb:
-            samples = []
+            samples, marks = [], []
             tensor = torch.randn(element_count(size_mb)) if rank == 0 else None
             for _ in range(repeats + 1):
                 if rank == 0:
@@ -194,42 +245,48 @@ def gloo_worker(rank: int, port: int, sizes_mb: list[int], repeats: int, control
                 else:
                     received = torch.empty(element_count(size_mb))  # fresh buffer, as above
                     dist.recv(received, src=0)
+                    del received
                     dist.send(ack, dst=0)
+                marks.append(time.process_time())
             timings[size_mb] = samples[1:]
-        if control is not None:
-            control.send(timings)
+            cpu[size_mb] = cpu_per_exchange(marks)
+        control.send((timings, cpu))
     finally:
         dist.destroy_process_group()
 
 
-def bench_gloo(sizes_mb: list[int], repeats: int) -> dict[int, list[float]]:
+def bench_gloo(sizes_mb: list[int], repeats: int) -> dict[int, Measured]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = mp.get_context("spawn")
-    parent_end, child_end = context.Pipe()
-    sender = context.Process(target=gloo_worker, args=(0, port, sizes_mb, repeats, child_end))
-    receiver = context.Process(target=gloo_worker, args=(1, port, sizes_mb, repeats, None))
-    sender.start()
-    receiver.start()
-    timings = parent_end.recv()
+    sender_end, sender_child = context.Pipe()
+    receiver_end, receiver_child = context.Pipe()
+    sender = start_process(target=gloo_worker, args=(0, port, sizes_mb, repeats, sender_child))
+    receiver = start_process(target=gloo_worker, args=(1, port, sizes_mb, repeats, receiver_child))
+    timings, sender_cpu = sender_end.recv()
+    _, receiver_cpu = receiver_end.recv()
     sender.join(timeout=60)
     receiver.join(timeout=60)
-    return timings
+    return {size: Measured(timings[size], sender_cpu[size], receiver_cpu[size]) for size in sizes_mb}
 
 
 # ---- report -----------------------------------------------------------------------------------------
+
+GLOO = "torch.distributed gloo send/recv"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="timed exchanges per transport and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all transports")
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     arguments = parser.parse_args()
     torch.set_num_threads(1)  # every process gets one core; the receivers need theirs
     quiet_logs()
+    keep_freed_memory()
 
     sizes, repeats, chunk_bytes, wire_dtype = (
         arguments.sizes_mb,
@@ -237,7 +294,7 @@ def main() -> None:
         arguments.chunk_bytes,
         arguments.wire_dtype,
     )
-    transports: list[tuple[str, Callable[[], dict[int, list[float]]]]] = [
+    transports: list[tuple[str, Callable[[], dict[int, Measured]]]] = [
         (
             f"gRPC PushVector ({wire_dtype}, prepare+CRC per push)",
             lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=False),
@@ -247,20 +304,38 @@ def main() -> None:
             lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=True),
         ),
         ("raw TCP socket", lambda: bench_tcp(sizes, repeats)),
-        ("torch.distributed gloo send/recv", lambda: bench_gloo(sizes, repeats)),
+        (GLOO, lambda: bench_gloo(sizes, repeats)),
     ]
     cpu = platform.processor() or platform.machine()
     print(
-        f"# loopback, {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
-        f"chunk_bytes={chunk_bytes}, median of {repeats} after 1 warm-up"
+        f"# loopback, {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, chunk_bytes={chunk_bytes}, "
+        f"{arguments.rounds} round(s) x median of {repeats} after 1 warm-up, "
+        f"load average at start {os.getloadavg()[0]:.2f}",
+        flush=True,
     )
-    print("| transport | vector | median ms | MiB/s |")
-    print("|---|---:|---:|---:|")
-    for name, run_transport in transports:
-        timings = run_transport()
-        for size_mb in arguments.sizes_mb:
-            median = statistics.median(timings[size_mb])
-            print(f"| {name} | {size_mb} MiB | {median * 1e3:.1f} | {size_mb / median:.0f} |")
+    rounds: list[dict[str, dict[int, Measured]]] = []
+    for _ in range(arguments.rounds):
+        rounds.append({name: run_transport() for name, run_transport in transports})
+    print(f"# load average at end {os.getloadavg()[0]:.2f}")
+    print(
+        "| transport | vector | median ms | MiB/s | × gloo (same round) | CPU ms/exchange sender / receiver |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, _ in transports:
+        for size_mb in sizes:
+            medians = [statistics.median(result[name][size_mb].seconds) for result in rounds]
+            ratios = [
+                statistics.median(result[GLOO][size_mb].seconds)
+                / statistics.median(result[name][size_mb].seconds)
+                for result in rounds
+            ]
+            median = statistics.median(medians)
+            sender_cpu = statistics.median(result[name][size_mb].sender_cpu for result in rounds)
+            receiver_cpu = statistics.median(result[name][size_mb].receiver_cpu for result in rounds)
+            print(
+                f"| {name} | {size_mb} MiB | {median * 1e3:.1f} | {size_mb / median:.0f} | "
+                f"{statistics.median(ratios):.2f} | {sender_cpu * 1e3:.1f} / {receiver_cpu * 1e3:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -29,18 +29,22 @@ from agent.transport.codec import (
     ExpectedVector,
     PeerIdentity,
     Position,
+    ReceiveBufferPool,
     StateSnapshot,
     StateStreamDecoder,
     VectorAssembler,
     WireError,
     WireErrorKind,
+    all_finite,
     decode_vector,
     describe_config_difference,
     encode_state,
     encode_vector,
     identity_mismatch,
+    iter_chunks,
     iter_frames,
     parse_chunk,
+    payload_crc32,
     prepare_vector,
 )
 from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
@@ -463,6 +467,124 @@ def test_decoder_rejects_named_or_shaped_push() -> None:
     assert_rejected(chunks, push_expectation(10), WireErrorKind.BAD_SHAPE, "flat and unnamed")
 
 
+def test_payload_crc32_is_zlibs_crc32_and_incremental() -> None:
+    # The wire checksum is zlib's CRC-32 whatever library computes it, so older peers interoperate.
+    payload = torch.randn(300_001, generator=torch.Generator().manual_seed(5)).numpy().tobytes()
+    assert payload_crc32(payload) == zlib.crc32(payload)
+    view = memoryview(payload)
+    running = 0
+    for offset in range(0, len(payload), 65_537):  # odd chunk size: boundaries split elements
+        running = payload_crc32(view[offset : offset + 65_537], running)
+    assert running == zlib.crc32(payload)
+    assert payload_crc32(b"") == 0 and payload_crc32(b"", 7) == 7
+    assert prepare_vector(torch.ones(10)).checksum == zlib.crc32(torch.ones(10).numpy().tobytes())
+
+
+def test_all_finite_handles_sum_overflow_and_every_dtype() -> None:
+    huge = torch.full((1000,), 3e38)  # finite values whose sum overflows: decided by the exact check
+    assert all_finite(huge) and all_finite(-huge) and all_finite(torch.empty(0))
+    for bad in (math.nan, math.inf, -math.inf):
+        with_bad = huge.clone()
+        with_bad[517] = bad
+        assert not all_finite(with_bad)
+        assert not all_finite(torch.tensor([1.0, bad, 2.0]).to(torch.bfloat16))
+        assert not all_finite(torch.tensor([1.0, bad, 2.0]).to(torch.float16))
+    assert all_finite(torch.full((10,), 65504.0).to(torch.float16))
+    # A pushed vector of such values arrives intact; one NaN among them is still refused.
+    decoded = decode_vector(
+        encode_vector(huge, sender_id="p", iteration=0, round=0, epoch=0), push_expectation(1000)
+    )
+    assert torch.equal(bits(decoded.vector), bits(huge))
+    payload = float32_bytes([3e38, 3e38, math.nan])
+    assert_rejected(
+        raw_chunks(payload, element_count=3), push_expectation(3), WireErrorKind.NON_FINITE, "1 non"
+    )
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16", "float16"])
+def test_non_finite_value_split_across_chunks_is_found(wire_dtype: str) -> None:
+    # The finite check runs per chunk on whole elements; with an odd chunk size one element's bytes
+    # straddle two chunks and must still be checked exactly once.
+    element_bytes = 4 if wire_dtype == "float32" else 2
+    chunk_bytes = CHUNK + 1
+    straddling = chunk_bytes // element_bytes  # the element split by the first chunk boundary
+    count = 3 * chunk_bytes // element_bytes
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[wire_dtype]
+    for bad in (math.nan, math.inf):
+        values = torch.ones(count, dtype=torch_dtype)
+        values[straddling] = bad
+        payload = values.view(torch.uint8).numpy().tobytes()
+        chunks = raw_chunks(
+            payload, element_count=count, dtype=_PROTO_DTYPES[wire_dtype], chunk_bytes=chunk_bytes
+        )
+        assert_rejected(chunks, push_expectation(count), WireErrorKind.NON_FINITE, r"1 non-finite")
+    huge = torch.full((count,), 3e38 if wire_dtype != "float16" else 65504.0).to(torch_dtype)
+    chunks = raw_chunks(
+        huge.view(torch.uint8).numpy().tobytes(),
+        element_count=count,
+        dtype=_PROTO_DTYPES[wire_dtype],
+        chunk_bytes=chunk_bytes,
+    )
+    assert torch.equal(decode_vector(chunks, push_expectation(count)).vector, huge.to(torch.float32))
+
+
+_PROTO_DTYPES = {
+    "float32": pb.WIRE_DTYPE_FLOAT32,
+    "bfloat16": pb.WIRE_DTYPE_BFLOAT16,
+    "float16": pb.WIRE_DTYPE_FLOAT16,
+}
+
+
+def test_receive_buffer_pool_recycles_only_memory_nobody_references() -> None:
+    pool = ReceiveBufferPool(min_bytes=1024, max_idle_bytes=3 * 4096)
+    small = pool.take(100)  # below min_bytes: plain allocation, never pooled
+    del small
+    assert pool.idle_bytes == 0
+    buffer = pool.take(4096)
+    address = buffer.data_ptr()
+    view = buffer.view(torch.float32)[10:20]  # a view shares the memory and must keep it out of the pool
+    del buffer
+    assert pool.idle_bytes == 0
+    storage = view.untyped_storage()
+    del view
+    assert pool.idle_bytes == 0
+    del storage
+    assert pool.idle_bytes == 4096
+    again = pool.take(4096)
+    assert again.data_ptr() == address and pool.idle_bytes == 0
+    held = [pool.take(4096) for _ in range(4)]
+    del again, held
+    assert pool.idle_bytes == 3 * 4096  # the cap: the fourth block went back to the allocator
+    other = pool.take(8192)
+    del other  # another size: older idle sizes are dropped to make room rather than exceeding the cap
+    assert pool.idle_bytes <= 3 * 4096
+
+
+def test_decoded_vectors_never_share_pooled_memory() -> None:
+    count = (4 << 20) // 4  # 4 MiB: above the shared pool's threshold
+    first_source = torch.randn(count, generator=torch.Generator().manual_seed(6))
+    second_source = torch.randn(count, generator=torch.Generator().manual_seed(7))
+
+    def receive(vector: torch.Tensor) -> torch.Tensor:
+        chunks = iter_frames(prepare_vector(vector), sender_id="p", chunk_bytes=1 << 20)
+        return decode_vector(map(parse_chunk, chunks), push_expectation(count)).vector
+
+    first = receive(first_source)
+    second = receive(second_source)
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(bits(first), bits(first_source)) and torch.equal(bits(second), bits(second_source))
+    first_address = first.data_ptr()
+    del first
+    third = receive(first_source)  # may reuse the first vector's memory now that nobody holds it
+    assert third.data_ptr() == first_address  # the most recently released block is reused first
+    assert torch.equal(bits(second), bits(second_source)) and torch.equal(bits(third), bits(first_source))
+    # A stream that fails validation releases its buffer without delivering anything.
+    corrupt = list(iter_chunks(prepare_vector(second_source), sender_id="p", chunk_bytes=1 << 20))
+    corrupt[2].data = corrupt[2].data[:-1] + bytes([corrupt[2].data[-1] ^ 0x40])
+    assert_rejected(corrupt, push_expectation(count), WireErrorKind.CHECKSUM, "checksum mismatch")
+    assert torch.equal(bits(second), bits(second_source))
+
+
 def test_assembler_refuses_oversized_header_before_allocating() -> None:
     chunks = raw_chunks(b"", element_count=1 << 60)
     chunks[0].header.name = "huge"
@@ -765,6 +887,34 @@ def test_push_16_mb_vector_arrives_bit_exact_in_inbox() -> None:
             assert client.bytes_sent == node.server.bytes_received
             assert length * 4 < client.bytes_sent < length * 4 + 1024
             assert node.server.bytes_received_by_peer == {"a": client.bytes_sent}
+
+    run(scenario)
+
+
+def test_corrupted_or_truncated_multi_mib_push_is_never_delivered() -> None:
+    length = (3 << 20) // 4 + 3  # 3 MiB + 12 bytes: pooled receive buffer, last chunk partial
+    vector = torch.randn(length, generator=torch.Generator().manual_seed(8))
+
+    async def scenario() -> None:
+        async with (
+            gossip_node("b", vector_length=length) as node,
+            grpc.aio.insecure_channel(node.server.address, options=channel_options()) as channel,
+        ):
+            stub = pb_grpc.GossipStub(channel)
+            await stub.Handshake(identity("a").handshake_request(), timeout=5)
+            chunks = list(iter_chunks(prepare_vector(vector), sender_id="a", chunk_bytes=1 << 20))
+            flipped = bytearray(chunks[1].data)
+            flipped[123_456] ^= 0x01
+            corrupt = [chunks[0], pb.VectorChunk(data=bytes(flipped)), *chunks[2:]]
+            ack = await stub.PushVector(iter(corrupt), timeout=10)
+            assert ack.status == pb.PUSH_STATUS_MALFORMED and "checksum mismatch" in ack.reason
+            ack = await stub.PushVector(iter(chunks[:-1]), timeout=10)
+            assert ack.status == pb.PUSH_STATUS_MALFORMED and "stream ended after" in ack.reason
+            assert node.inbox.buffered_count == 0
+            ack = await stub.PushVector(iter(chunks), timeout=10)
+            assert ack.accepted, ack.reason
+            received = await node.inbox.wait_for(0, 0, {"a"}, timeout=1.0)
+            assert torch.equal(bits(received["a"]), bits(vector))
 
     run(scenario)
 

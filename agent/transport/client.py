@@ -188,7 +188,7 @@ class PeerClient:
             if isinstance(vector, torch.Tensor) and vector.dim() != 1:
                 raise ValueError(f"the gossip vector must be 1-D, got shape {tuple(vector.shape)}")
             # Conversion and CRC are a full pass over up to 100+ MB: keep the event loop free for
-            # the server side of this node meanwhile (zlib and torch release the GIL).
+            # the server side of this node meanwhile (the CRC and torch release the GIL).
             prepared = await asyncio.to_thread(prepare_vector, vector, wire_dtype)
         frames = iter_frames(
             prepared,

@@ -19,19 +19,28 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple
 
+import numpy
 import torch
 from google.protobuf.message import DecodeError
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
 
-PROTOCOL_VERSION: Final = 1
+try:
+    # ISA-L's CRC-32 (carry-less multiply folding): bit-identical to zlib.crc32, ~6x faster than the
+    # table-driven zlib build that ships with CPython (2 GB/s: 30 ms per 64 MiB, on every push received).
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal has wheels for every platform we run on; same values anyway
+    _crc32 = zlib.crc32
+
+PROTOCOL_VERSION: Final = 2  # 2: the Announce RPC (paced pushes)
 
 GOSSIP_SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Gossip"].full_name
 PUSH_VECTOR_METHOD: Final = f"/{GOSSIP_SERVICE_NAME}/PushVector"
@@ -70,6 +79,31 @@ def _wire_dtype_spec(wire_dtype: str) -> _WireDtypeSpec:
         raise ValueError(
             f"unknown wire_dtype {wire_dtype!r}; expected one of {', '.join(WIRE_DTYPE_NAMES)}"
         ) from None
+
+
+def payload_crc32(data: memoryview | bytes, value: int = 0) -> int:
+    """CRC-32 of `data` continuing from `value`: the VectorHeader.checksum algorithm, in one place.
+
+    zlib's CRC-32 (same polynomial and values as `zlib.crc32`), so peers running an older agent that
+    used zlib directly interoperate. Incremental: crc(a + b) == payload_crc32(b, payload_crc32(a)).
+    """
+    return _crc32(data, value)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """True iff no element of the floating-point tensor `values` is NaN or ±inf.
+
+    Fast path: a sum is finite only if every addend is (NaN and inf propagate through addition and
+    nothing turns them finite again), and torch.sum runs ~3x faster than aminmax (2.5 vs 7.5 ms per
+    64 MiB). A non-finite sum may also be an overflow of finite values (|x| near 3e38), so that case
+    is decided exactly by aminmax, a single pass with no n-sized temporary (isfinite has one).
+    """
+    if values.numel() == 0:
+        return True
+    if math.isfinite(float(values.sum(dtype=torch.float32))):
+        return True
+    low, high = torch.aminmax(values)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _require_little_endian() -> None:
@@ -174,23 +208,20 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
     # reshape(-1) is a view for contiguous tensors; .contiguous() copies only when it must.
     flat = tensor.detach().to(device="cpu").reshape(-1).contiguous()
     wire = flat if spec.torch_dtype == torch.float32 else flat.to(spec.torch_dtype)
-    if wire.numel() > 0:
-        low, high = torch.aminmax(wire)
-        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-            source_is_finite = wire is not flat and bool(torch.isfinite(flat).all())
-            if source_is_finite:
-                raise ValueError(
-                    f"vector does not fit {wire_dtype}: values overflow to inf "
-                    f"(float32 range {float(flat.min())}..{float(flat.max())})"
-                )
-            raise ValueError("refusing to send a vector containing NaN or inf")
+    if not all_finite(wire):
+        if wire is not flat and all_finite(flat):
+            raise ValueError(
+                f"vector does not fit {wire_dtype}: values overflow to inf "
+                f"(float32 range {float(flat.min())}..{float(flat.max())})"
+            )
+        raise ValueError("refusing to send a vector containing NaN or inf")
     # numpy has no bfloat16, so view the raw bytes as uint8 first; no copy either way.
     payload = memoryview(wire.view(torch.uint8).numpy()).cast("B")
     return WireVector(
         payload=payload,
         wire_dtype=spec.name,
         element_count=wire.numel(),
-        checksum=zlib.crc32(payload),
+        checksum=payload_crc32(payload),
         shape=shape,
         _owner=wire,
     )
@@ -458,6 +489,84 @@ class DecodedVector:
         return Position(self.iteration, self.round)
 
 
+class ReceiveBufferPool:
+    """Recycles the memory of received payloads once nothing references it any more.
+
+    A fresh multi-megabyte buffer per received vector costs one page fault per 4 KiB page the first
+    time it is written (plus an munmap when it is freed): ~16k faults, 20+ ms per 64 MiB, about a
+    quarter of the receiver's CPU per push. The pool hands out buffers whose memory is returned here
+    only when the last tensor, view or storage using it has been garbage collected (the tensor's
+    storage keeps a numpy array alive, whose base is a `_PooledBlock` that returns the memory from its
+    `__del__`), so recycled memory can never alias a vector someone still holds. Buffers below
+    `min_bytes` come from the allocator as before; at most `max_idle_bytes` are kept idle.
+    """
+
+    def __init__(self, *, min_bytes: int = 1 << 20, max_idle_bytes: int = 1 << 30) -> None:
+        self._min_bytes = min_bytes
+        self._max_idle_bytes = max_idle_bytes
+        self._idle: dict[int, list[torch.Tensor]] = {}
+        self._idle_bytes = 0
+        # __del__ may run in any thread, even while this thread holds the lock (GC triggered by an
+        # allocation inside it), so releases only try the lock and drop the memory if it is busy.
+        self._lock = threading.Lock()
+
+    @property
+    def idle_bytes(self) -> int:
+        return self._idle_bytes
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 CPU tensor of `nbytes` with unspecified contents, private to the caller."""
+        if nbytes < self._min_bytes:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        memory = None
+        with self._lock:
+            idle = self._idle.get(nbytes)
+            if idle:
+                memory = idle.pop()
+                self._idle_bytes -= nbytes
+        if memory is None:
+            memory = torch.empty(nbytes, dtype=torch.uint8)
+        return torch.from_numpy(numpy.asarray(_PooledBlock(memory, self)))
+
+    def _release(self, memory: torch.Tensor) -> None:
+        nbytes = memory.numel()
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._idle_bytes + nbytes > self._max_idle_bytes:
+                # Make room by dropping other sizes first: the size just released is the one in use.
+                for size in [size for size in self._idle if size != nbytes]:
+                    self._idle_bytes -= size * len(self._idle.pop(size))
+            if self._idle_bytes + nbytes <= self._max_idle_bytes:
+                self._idle.setdefault(nbytes, []).append(memory)
+                self._idle_bytes += nbytes
+        finally:
+            self._lock.release()
+
+
+class _PooledBlock:
+    """numpy's view of pooled memory; returns the memory to its pool when the last user is gone."""
+
+    __slots__ = ("__array_interface__", "_memory", "_pool")
+
+    def __init__(self, memory: torch.Tensor, pool: ReceiveBufferPool) -> None:
+        self._memory = memory
+        self._pool = pool
+        self.__array_interface__ = {
+            "data": (memory.data_ptr(), False),
+            "shape": (memory.numel(),),
+            "typestr": "|u1",
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        self._pool._release(self._memory)
+
+
+# Shared by every receiver in the process (push and state transfer alike).
+RECEIVE_BUFFERS: Final = ReceiveBufferPool()
+
+
 class VectorAssembler:
     """Validates and reassembles one tensor's chunk stream into a single preallocated buffer.
 
@@ -476,6 +585,12 @@ class VectorAssembler:
         self._received_bytes = 0
         self._chunks_seen = 0
         self._crc = 0
+        # Finiteness is checked chunk by chunk as the payload arrives (while the chunk is still in
+        # cache, and off the critical path after the last byte): elements before _checked_elements
+        # summed to finite values so far. A non-finite partial sum is settled exactly in finish().
+        self._values: torch.Tensor | None = None
+        self._checked_elements = 0
+        self._sums_finite = True
         self._finished = False
 
     @property
@@ -525,22 +640,25 @@ class VectorAssembler:
             )
         # The buffer is private to this stream, so the wire tensor can alias it without a copy.
         wire_tensor = buffer.view(spec.torch_dtype)
-        vector = wire_tensor if spec.torch_dtype == torch.float32 else wire_tensor.to(torch.float32)
-        if vector.numel() > 0:
-            # aminmax propagates NaN and is a single pass with no n-sized temporary (isfinite is not).
-            low, high = torch.aminmax(vector)
-            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-                non_finite = int((~torch.isfinite(vector)).sum())
-                raise WireError(
-                    WireErrorKind.NON_FINITE,
-                    f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
-                )
+        if spec.torch_dtype == torch.float32:
+            vector = wire_tensor
+        else:
+            # Widened into recycled memory too: a fresh float32 tensor would page-fault like the buffer.
+            vector = RECEIVE_BUFFERS.take(wire_tensor.numel() * 4).view(torch.float32)
+            vector.copy_(wire_tensor)
+        if not self._sums_finite and not all_finite(vector):
+            non_finite = int((~torch.isfinite(vector)).sum())
+            raise WireError(
+                WireErrorKind.NON_FINITE,
+                f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
+            )
         if self._expected.named:
             vector = vector.reshape(tuple(header.shape))
         vector = vector.to(self._expected.device)
         # Release our references so the decoded tensor is the only owner of the memory.
         self._buffer = None
         self._buffer_view = None
+        self._values = None
         return DecodedVector(
             sender_id=header.sender_id,
             iteration=header.iteration,
@@ -587,9 +705,11 @@ class VectorAssembler:
         self._header = header
         self._spec = spec
         self._total_bytes = header.element_count * spec.element_bytes
-        # One allocation for the whole payload: chunks are copied straight into place.
-        self._buffer = torch.empty(self._total_bytes, dtype=torch.uint8)
+        # One buffer for the whole payload (recycled memory when available): chunks are copied
+        # straight into place.
+        self._buffer = RECEIVE_BUFFERS.take(self._total_bytes)
         self._buffer_view = memoryview(self._buffer.numpy()).cast("B")
+        self._values = self._buffer.view(spec.torch_dtype)
 
     def _check_position(self, position: Position) -> None:
         expected = self._expected
@@ -664,8 +784,15 @@ class VectorAssembler:
             )
         start = self._received_bytes
         view[start : start + len(data)] = data
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = payload_crc32(data, self._crc)
         self._received_bytes += len(data)
+        if self._sums_finite and self._values is not None:
+            # Only whole elements: chunk_bytes need not be a multiple of the element size.
+            end = self._received_bytes // self._values.element_size()
+            if end > self._checked_elements:
+                partial = self._values[self._checked_elements : end].sum(dtype=torch.float32)
+                self._sums_finite = math.isfinite(float(partial))
+                self._checked_elements = end
 
 
 def decode_vector(chunks: Iterable[pb.VectorChunk | RawChunk], expected: ExpectedVector) -> DecodedVector:
