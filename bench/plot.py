@@ -33,6 +33,7 @@ COLOURS = {
     "ring": (0, 114, 178),
     "ring-t2": (86, 180, 233),
     "one-peer-exp": (0, 158, 115),
+    "one-peer-exp-eager": (0, 0, 0),
     "ring-bf16": (204, 121, 167),
     "allreduce": (230, 159, 0),
     "ps": (213, 94, 0),
@@ -40,7 +41,8 @@ COLOURS = {
 LABELS = {
     "ring": "DPOSG ring, t=1",
     "ring-t2": "DPOSG ring, t=2",
-    "one-peer-exp": "DPOSG one-peer exponential",
+    "one-peer-exp": "DPOSG one-peer exponential (paced)",
+    "one-peer-exp-eager": "DPOSG one-peer exponential, unpaced",
     "ring-bf16": "DPOSG ring, t=1, bf16 wire",
     "allreduce": "CPOSG gloo all-reduce",
     "ps": "CPOSG parameter server",
