@@ -142,8 +142,9 @@ class GanProblem:
 
     def operator(
         self, z: torch.Tensor, real: torch.Tensor, noise: torch.Tensor, stream: torch.Generator
-    ) -> torch.Tensor:
-        """Both players' gradients at z, from one minibatch: (∂L_G/∂u, ∂L_D/∂v), as a new tensor.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both players' gradients at z, from one minibatch, (∂L_G/∂u, ∂L_D/∂v) as a new flat tensor,
+        and the two losses (loss_g, loss_d) at z.
 
         Not reentrant: one call at a time per problem (the agent and the simulator call it sequentially).
         """
