@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import signal
@@ -114,15 +115,38 @@ class Workload:
     """The training problem every system runs (cluster-wide configuration keys of the agent)."""
 
     dataset: str
-    width: int
-    batch_size: int
+    width: int | None  # None: the dataset's default model size
+    batch_size: int | None  # None: the dataset's default batch
     seed: int
 
     def flags(self) -> list[str]:
-        return [
-            "--dataset", self.dataset, "--width", str(self.width), "--batch-size", str(self.batch_size),
-            "--seed", str(self.seed),
-        ]  # fmt: skip
+        flags = ["--dataset", self.dataset, "--seed", str(self.seed)]
+        if self.width is not None:
+            flags += ["--width", str(self.width)]
+        if self.batch_size is not None:
+            flags += ["--batch-size", str(self.batch_size)]
+        return flags
+
+    def config_keys(self) -> dict[str, Any]:
+        keys: dict[str, Any] = {"dataset": self.dataset, "seed": self.seed}
+        if self.width is not None:
+            keys["width"] = self.width
+        if self.batch_size is not None:
+            keys["batch_size"] = self.batch_size
+        return keys
+
+    @property
+    def tag(self) -> str:
+        """Short name for folders: the dataset unless ring8, and the width."""
+        prefix = "" if self.dataset == "ring8" else f"{self.dataset}-"
+        return f"{prefix}w{self.width if self.width is not None else 'default'}"
+
+    def describe(self) -> str:
+        from agent.core.config import build_config
+
+        config = build_config(self.config_keys())
+        width = config.width if config.width is not None else "default"
+        return f"{self.dataset}, {config.model} width {width}, batch {config.batch_size} per node"
 
 
 def rate_label(rate: float | None) -> str:
@@ -648,10 +672,9 @@ def quality_run(job: QualityJob) -> dict[str, Any]:
     system, n, workload = SYSTEMS[job.system], job.nodes, job.workload
     config = build_config(
         {
-            "dataset": workload.dataset, "width": workload.width, "batch_size": workload.batch_size,
-            "seed": job.seed, "nodes": n, "topology": system.topology, "rounds": system.rounds,
-            "algorithm": "dposg" if system.kind == "agent" else "cposg", "iterations": job.iterations,
-            "wire_dtype": system.wire_dtype,
+            **workload.config_keys(), "seed": job.seed, "nodes": n, "topology": system.topology,
+            "rounds": system.rounds, "algorithm": "dposg" if system.kind == "agent" else "cposg",
+            "iterations": job.iterations, "wire_dtype": system.wire_dtype,
         }
     )  # fmt: skip
     algorithm = check_algorithm(config.algorithm)
@@ -730,9 +753,9 @@ def quality_runs(args: argparse.Namespace, workload: Workload, n: int) -> list[d
         for record in pool.map(quality_run, jobs):
             last = record["history"][-1] if record["history"] else {}
             print(
-                f"    {record['label']}, seed {record['seed']}: {last.get('modes_covered')} modes, "
-                f"HQ {last.get('high_quality', 0):.3f} at {last.get('iteration')}; "
-                f"target first met at {first_reaching(record['history'], args)} ({record['seconds']:.0f} s)",
+                f"    {record['label']}, seed {record['seed']}: {describe_quality(last, args)} at "
+                f"{last.get('iteration')}; target first met at {first_reaching(record['history'], args)} "
+                f"({record['seconds']:.0f} s)",
                 flush=True,
             )
             records.append(record)
@@ -740,11 +763,16 @@ def quality_runs(args: argparse.Namespace, workload: Workload, n: int) -> list[d
 
 
 def first_reaching(
-    history: list[dict[str, Any]], args: argparse.Namespace, high_quality: float | None = None
+    history: list[dict[str, Any]], args: argparse.Namespace, looser: bool = False
 ) -> int | None:
-    """The first evaluated iteration with every mode covered and at least ``high_quality`` (default: the
-    target's) of the samples high quality; None if the run never got there."""
-    threshold = args.target_high_quality if high_quality is None else high_quality
+    """The first evaluated iteration that meets the quality target (or the looser one); None if never.
+
+    ring8: every mode covered and ≥ ``--target-high-quality`` high-quality samples (looser: 10 points
+    fewer). digits: classifier FID ≤ ``--target-fid`` (looser: twice that)."""
+    if args.quality_dataset == "digits":
+        bound = args.target_fid * (2.0 if looser else 1.0)
+        return next((h["iteration"] for h in history if h.get("classifier_fid", math.inf) <= bound), None)
+    threshold = args.target_high_quality - (0.1 if looser else 0.0)
     return next(
         (
             h["iteration"]
@@ -752,6 +780,22 @@ def first_reaching(
             if h.get("modes_covered", 0) >= args.target_modes and h.get("high_quality", 0.0) >= threshold
         ),
         None,
+    )
+
+
+def describe_quality(record: dict[str, Any], args: argparse.Namespace) -> str:
+    if args.quality_dataset == "digits":
+        return f"FID {record.get('classifier_fid', math.nan):.2f}, {record.get('classes_covered')} classes"
+    return f"{record.get('modes_covered')} modes, HQ {record.get('high_quality', 0.0):.3f}"
+
+
+def target_description(args: argparse.Namespace) -> tuple[str, str]:
+    """The target and the looser one, in words."""
+    if args.quality_dataset == "digits":
+        return f"classifier FID ≤ {args.target_fid:g}", f"FID ≤ {2 * args.target_fid:g}"
+    return (
+        f"{args.target_modes} modes with ≥ {args.target_high_quality:.0%} high-quality samples",
+        f"≥ {args.target_high_quality - 0.1:.0%}",
     )
 
 
@@ -765,30 +809,28 @@ def quality_table(
     """Per system: iterations to the target (and to a looser one) per seed, quality at the last iteration,
     and the wall time to the target at each measured rate (median iterations × median s/iteration)."""
     rate_columns = " | ".join(f"to target at {rate_label(rate)} (s)" for rate in args.rates)
-    looser = args.target_high_quality - 0.1
+    target, looser = target_description(args)
+    final = "FID, classes" if args.quality_dataset == "digits" else "modes, HQ"
     lines = [
         "",
-        f"### Quality: ring8, {args.target_modes} modes with ≥ {args.target_high_quality:.0%} high-quality "
-        f"samples (network-average model, evaluated every {args.quality_eval_every} iterations, "
-        f"{args.quality_iterations} iterations, seeds {', '.join(map(str, args.quality_seeds))})",
+        f"### Quality: {args.quality_dataset}, {target} (network-average model, evaluated every "
+        f"{args.quality_eval_every} iterations, {args.quality_iterations} iterations, seeds "
+        f"{', '.join(map(str, args.quality_seeds))})",
         "",
-        f"| system | nodes | iterations to target, per seed | to ≥ {looser:.0%}, per seed | "
-        f"modes at {args.quality_iterations}, per seed | HQ at {args.quality_iterations}, per seed | "
-        f"{rate_columns} |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(args.rates),
+        f"| system | nodes | iterations to target, per seed | to {looser}, per seed | "
+        f"{final} at {args.quality_iterations}, per seed | {rate_columns} |",
+        "|---|---:|---:|---:|---|" + "---:|" * len(args.rates),
     ]
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault((record["system"], record["nodes"]), []).append(record)
     for (name, n), group in groups.items():
         reached = [first_reaching(r["history"], args) for r in group]
-        reached_looser = [first_reaching(r["history"], args, looser) for r in group]
+        reached_looser = [first_reaching(r["history"], args, looser=True) for r in group]
         hits = [k for k in reached if k is not None]
         # Seeds that never reach the target have no wall time: the median is over those that did.
         iterations = statistics.median(hits) if hits else None
-        finals = [r["history"][-1] if r["history"] else {} for r in group]
-        modes = ", ".join(str(f.get("modes_covered", "—")) for f in finals)
-        quality = ", ".join(f"{f.get('high_quality', 0.0):.1%}" for f in finals)
+        finals = "; ".join(describe_quality(r["history"][-1] if r["history"] else {}, args) for r in group)
         # CPOSG's iterations apply to both baselines; each pays its own seconds per iteration.
         names = ["allreduce", "ps"] if SYSTEMS[name].kind != "agent" else [name]
         for system_name in names:
@@ -805,7 +847,7 @@ def quality_table(
                 cells.append("—" if iterations is None or seconds is None else f"{iterations * seconds:.0f}")
             lines.append(
                 f"| {SYSTEMS[system_name].label} | {n} | {per_seed(reached)} | {per_seed(reached_looser)} | "
-                f"{modes} | {quality} | " + " | ".join(cells) + " |"
+                f"{finals} | " + " | ".join(cells) + " |"
             )
     print("\n".join(lines), flush=True)
     return lines
@@ -840,8 +882,18 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-iterations", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2, help="iterations discarded after each rate switch")
     parser.add_argument("--repeats", type=int, default=3, help="windows per rate (medians are over these)")
-    parser.add_argument("--width", type=int, default=256, help="MLP hidden width (both players)")
-    parser.add_argument("--batch-size", type=int, default=128, help="per-node minibatch")
+    parser.add_argument(
+        "--dataset", choices=("ring8", "digits"), default="ring8",
+        help="workload of the timing matrix (digits: the DCGAN on scikit-learn's digits)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--width", type=int, help="model width (default: 256 for ring8's MLP, the dataset default otherwise)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="per-node minibatch (default: 128 for ring8, the dataset default otherwise)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
@@ -868,8 +920,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="allreduce and ps run the same update (CPOSG): either stands for both",
     )  # fmt: skip
     parser.add_argument(
-        "--quality-width", type=int, default=128,
-        help="MLP width of the quality runs (128: the agent's ring8 default, tuned to converge)",
+        "--quality-dataset", choices=("ring8", "digits"), default="ring8",
+        help="ring8: modes and high-quality target; digits: classifier-FID target",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quality-width", type=int,
+        help="model width of the quality runs (default: 128 for ring8, the agent's tuned default; the "
+        "dataset default otherwise)",
     )  # fmt: skip
     parser.add_argument("--quality-iterations", type=int, default=8000)
     parser.add_argument("--quality-eval-every", type=int, default=250)
@@ -877,6 +934,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality-jobs", type=int, default=2, help="quality runs in parallel processes")
     parser.add_argument("--target-modes", type=int, default=8)
     parser.add_argument("--target-high-quality", type=float, default=0.9)
+    parser.add_argument(
+        "--target-fid", type=float, default=5.0,
+        help="digits target: classifier FID of the average model (held-out real digits score ~0.6)",
+    )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="write the time-per-iteration PNG here")
     parser.add_argument(
         "--all", action="store_true",
@@ -884,6 +945,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--overhead", action="store_true", help="also run bench/agent_overhead.py")
     args = parser.parse_args(argv)
+    if args.dataset == "ring8":
+        args.width = 256 if args.width is None else args.width
+        args.batch_size = 128 if args.batch_size is None else args.batch_size
+    if args.quality_dataset == "ring8" and args.quality_width is None:
+        args.quality_width = 128
     if args.all:
         args.quality = True
         args.overhead = True
@@ -904,11 +970,11 @@ def run_matrix(
     for n in nodes:
         for name in systems:
             system = SYSTEMS[name]
-            print(f"== {n} nodes, {system.label}, width {workload.width}", flush=True)
+            print(f"== {n} nodes, {system.label}, {workload.describe()}", flush=True)
             launch_started = time.time()
             failures: list[str] = []
             for attempt in range(1 + args.retries):
-                folder = out / f"w{workload.width}-n{n}-{name}-{attempt}"
+                folder = out / f"{workload.tag}-n{n}-{name}-{attempt}"
                 result = run_launch(n, system, workload, args, folder)
                 if not result.error:
                     break
@@ -921,10 +987,10 @@ def run_matrix(
     return results
 
 
-def model_line(results: list[LaunchResult], width: int) -> str:
+def model_line(results: list[LaunchResult], workload: Workload) -> str:
     parameters = next((r.parameters for r in results if r.parameters), None)
     size = f"{parameters} parameters = {4 * parameters / MEGABYTE:.2f} MB as float32" if parameters else "?"
-    return f"# model: ring8 MLP width {width}: {size}"
+    return f"# model: {workload.describe()}: {size}"
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -945,13 +1011,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "runs" / "cluster_bench" / stamp
     out.mkdir(parents=True, exist_ok=True)
-    workload = Workload("ring8", args.width, args.batch_size, args.seed)
+    workload = Workload(args.dataset, args.width, args.batch_size, args.seed)
     header = [
         f"# machine: {machine_description()}",
         f"# date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average at start "
         + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         f"# command: {' '.join([sys.executable, *sys.argv])}",
-        f"# workload: ring8, MLP width {args.width}, batch {args.batch_size} per node, seed {args.seed}",
+        f"# workload: {workload.describe()}, seed {args.seed}",
     ]
     print("\n".join(header), flush=True)
     started = time.time()
@@ -967,12 +1033,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     document["tables"] = []
     if not args.no_timing:
         results += run_matrix(args.nodes, args.systems, workload, args, out, save)
-        header.append(model_line(results, args.width))
+        header.append(model_line(results, workload))
         print(header[-1])
         document["tables"] += print_tables(results, args.rates) + goal_lines(results)
         save()
     if args.quality:
-        quality_workload = Workload("ring8", args.quality_width, args.batch_size, args.seed)
+        quality_batch = args.batch_size if args.quality_dataset == args.dataset else None
+        quality_workload = Workload(args.quality_dataset, args.quality_width, quality_batch, args.seed)
         # Seconds per iteration of the quality model, to turn iterations to the target into wall time.
         timed = list(
             dict.fromkeys(args.quality_systems + (["ps"] if "allreduce" in args.quality_systems else []))
@@ -980,12 +1047,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         quality_timing += run_matrix(args.quality_nodes, timed, quality_workload, args, out, save)
         document["tables"] += [
             "",
-            f"## Quality model timing ({model_line(quality_timing, args.quality_width)[2:]})",
+            f"## Quality model timing ({model_line(quality_timing, quality_workload)[2:]})",
         ]
         document["tables"] += print_tables(quality_timing, args.rates)
         records = []
         for n in args.quality_nodes:
-            print(f"== quality, {n} nodes, width {args.quality_width}", flush=True)
+            print(f"== quality, {n} nodes, {quality_workload.describe()}", flush=True)
             records += quality_runs(args, quality_workload, n)
         document["quality"] = records
         document["tables"] += quality_table(records, quality_timing, args)
