@@ -1017,7 +1017,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load average at start "
         + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         f"# command: {' '.join([sys.executable, *sys.argv])}",
-        f"# workload: {workload.describe()}, seed {args.seed}",
+        f"# workload: {workload.describe()}, seed {args.seed}"
+        + (" (timing matrix skipped)" if args.no_timing else ""),
     ]
     print("\n".join(header), flush=True)
     started = time.time()
