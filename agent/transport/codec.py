@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - isal has wheels for every platform we run on; same values anyway
     _crc32 = zlib.crc32
 
-PROTOCOL_VERSION: Final = 2  # 2: the Announce RPC (paced pushes)
+PROTOCOL_VERSION: Final = 3  # 2: the Announce RPC (paced pushes); 3: incarnations, stop proposals
 
 GOSSIP_SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Gossip"].full_name
 PUSH_VECTOR_METHOD: Final = f"/{GOSSIP_SERVICE_NAME}/PushVector"
@@ -965,6 +965,8 @@ class PeerIdentity:
     config_json: str
     membership_epoch: int = 0
     agent_version: str = ""
+    # This process's incarnation: random, new at every start (HandshakeRequest.instance_id).
+    instance_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -981,6 +983,7 @@ class PeerIdentity:
             config_json=self.config_json,
             membership_epoch=self.membership_epoch,
             agent_version=self.agent_version,
+            instance_id=self.instance_id,
         )
 
     def handshake_response(
@@ -997,6 +1000,7 @@ class PeerIdentity:
             config_json=self.config_json,
             membership_epoch=self.membership_epoch,
             agent_version=self.agent_version,
+            instance_id=self.instance_id,
         )
 
 

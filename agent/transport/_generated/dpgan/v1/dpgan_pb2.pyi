@@ -40,7 +40,7 @@ PUSH_STATUS_MALFORMED: PushStatus
 PUSH_STATUS_EPOCH_MISMATCH: PushStatus
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "advertise_address", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status")
+    __slots__ = ("protocol_version", "node_id", "advertise_address", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class HandshakeRequest(_message.Message):
     MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     advertise_address: str
@@ -59,26 +60,31 @@ class HandshakeRequest(_message.Message):
     membership_epoch: int
     agent_version: str
     status: PeerStatus
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., advertise_address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., advertise_address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("ready", "ready_from_iteration", "training", "iteration", "view_period", "members")
+    __slots__ = ("ready", "ready_from_iteration", "training", "iteration", "view_period", "members", "stop_at_iteration", "paused")
     READY_FIELD_NUMBER: _ClassVar[int]
     READY_FROM_ITERATION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     VIEW_PERIOD_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     ready_from_iteration: int
     training: bool
     iteration: int
     view_period: int
     members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ready: _Optional[bool] = ..., ready_from_iteration: _Optional[int] = ..., training: _Optional[bool] = ..., iteration: _Optional[int] = ..., view_period: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+    stop_at_iteration: int
+    paused: bool
+    def __init__(self, ready: _Optional[bool] = ..., ready_from_iteration: _Optional[int] = ..., training: _Optional[bool] = ..., iteration: _Optional[int] = ..., view_period: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., stop_at_iteration: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("accepted", "reason", "node_id", "protocol_version", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status")
+    __slots__ = ("accepted", "reason", "node_id", "protocol_version", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +95,7 @@ class HandshakeResponse(_message.Message):
     MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     node_id: str
@@ -99,7 +106,8 @@ class HandshakeResponse(_message.Message):
     membership_epoch: int
     agent_version: str
     status: PeerStatus
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class VectorHeader(_message.Message):
     __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape")
