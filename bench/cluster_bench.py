@@ -178,7 +178,7 @@ def parse_timestamp(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-ANOMALY_EVENTS = ("gossip_rejected", "round mixed without neighbours", "neighbour down; mixing without it")
+ANOMALY_EVENTS = ("gossip_rejected", "round mixed without neighbours", "leaving peer out until it re-enters")
 
 
 class LogFollower:

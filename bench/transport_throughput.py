@@ -34,7 +34,8 @@ import torch
 
 from agent.allocator import keep_freed_memory
 from agent.transport.client import PeerClient
-from agent.transport.codec import PeerIdentity, prepare_vector
+from agent.transport.frames import prepare_vector
+from agent.transport.identity import PeerIdentity
 from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES, MIB
 from agent.transport.server import GossipServer

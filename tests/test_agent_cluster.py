@@ -56,8 +56,8 @@ def test_killed_agent_does_not_stop_the_others(tmp_path: Path) -> None:
     for i in (0, 1, 3):
         assert load_checkpoint(tmp_path / f"node-{i}" / "final.safetensors").iteration == 400
     down = [e for i in (1, 3) for e in log_events(tmp_path / f"node-{i}" / "agent.log")
-            if e.get("event", "").startswith("neighbour down")]  # fmt: skip
-    assert down and all(e["neighbour"] == "node-2" for e in down)
+            if e.get("event", "").startswith("leaving peer out")]  # fmt: skip
+    assert down and all(e["peer"] == "node-2" and e["reason"] for e in down)
 
 
 def test_peer_with_a_different_config_is_refused_at_the_handshake(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from agent.checkpoint import load_checkpoint
 from agent.cli import main
 from agent.transport.client import PeerClient
-from agent.transport.codec import PeerIdentity
+from agent.transport.identity import PeerIdentity
 from agent.transport.inbox import Inbox
 from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer

@@ -22,31 +22,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
+from agent.transport.buffers import ReceiveBufferPool
 from agent.transport.client import HandshakeRefused, PeerClient, PeerRpcError, PeerUnavailable
-from agent.transport.codec import (
-    GOSSIP_SERVICE_NAME,
-    PROTOCOL_VERSION,
+from agent.transport.frames import (
     ExpectedVector,
-    PeerIdentity,
     Position,
-    ReceiveBufferPool,
-    StateSnapshot,
-    StateStreamDecoder,
     VectorAssembler,
     WireError,
     WireErrorKind,
     all_finite,
     decode_vector,
-    describe_config_difference,
-    encode_state,
     encode_vector,
-    identity_mismatch,
     iter_chunks,
     iter_frames,
     parse_chunk,
     payload_crc32,
     prepare_vector,
 )
+from agent.transport.identity import PeerIdentity, describe_config_difference, identity_mismatch
 from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
 from agent.transport.options import (
     DEFAULT_CHUNK_BYTES,
@@ -56,7 +49,9 @@ from agent.transport.options import (
     server_options,
     validate_chunk_bytes,
 )
+from agent.transport.protocol import GOSSIP_SERVICE_NAME, PROTOCOL_VERSION
 from agent.transport.server import BindError, GossipServer
+from agent.transport.state import StateSnapshot, StateStreamDecoder, encode_state
 
 pytestmark = pytest.mark.timeout(60)
 

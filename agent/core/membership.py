@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -91,7 +91,9 @@ def on_peer_event(
     health: PeerHealth, event: PeerEvent, max_missed_rounds: int
 ) -> tuple[PeerHealth, PeerAction]:
     """Liveness comes from gRPC: an unreachable peer is down at once; a silent one after
-    ``max_missed_rounds`` deadlines in a row (each missed round already leaves it out)."""
+    ``max_missed_rounds`` deadlines in a row (each missed round already leaves it out). The agent uses
+    ``max_missed_rounds=1``: nobody waits for a neighbour more than one round timeout in a row; a
+    neighbour marked down stays out of later views until it re-enters as a joiner (``counts_in_view``)."""
     if not health.alive:
         return health, PeerAction.NONE
     if event is PeerEvent.DELIVERED:
@@ -136,12 +138,203 @@ def next_boundary(iteration: int, period: int, lead: int = 0) -> int:
     return -(-target // period) * period
 
 
-def view_at_boundary(self_id: str, peers: Iterable[PeerRecord], boundary: int) -> Membership:
+def counts_in_view(peer: PeerRecord, boundary: int, left_out_at: int | None = None) -> bool:
+    """Whether ``peer`` is a member of this node's view from ``boundary`` on.
+
+    It must be alive, ready from an iteration <= ``boundary`` and, if this node left it out at
+    iteration ``left_out_at`` (it missed a round deadline, became unreachable, restarted or was found
+    out of step), it must have declared since then a ready-from iteration after ``left_out_at``: an
+    out-of-step peer is never taken back at positions it cannot match; it re-enters as a joiner does.
+    """
+    if not peer.alive or peer.ready_from is None or peer.ready_from > boundary:
+        return False
+    return left_out_at is None or peer.ready_from > left_out_at
+
+
+def view_at_boundary(
+    self_id: str,
+    peers: Iterable[PeerRecord],
+    boundary: int,
+    left_out: Mapping[str, int] | None = None,
+) -> Membership:
+    """Itself plus every peer that ``counts_in_view`` at ``boundary`` (``left_out``: node id -> the
+    iteration at which this node left it out)."""
+    left_out = left_out or {}
     members = [self_id]
-    members += [p.node_id for p in peers if p.alive and p.ready_from is not None and p.ready_from <= boundary]
+    members += [p.node_id for p in peers if counts_in_view(p, boundary, left_out.get(p.node_id))]
     return Membership.of(members)
 
 
 def join_iteration(cluster_iteration: int, period: int, lead_iterations: int) -> int:
     """The boundary at which a late joiner enters: far enough ahead that every member hears of it first."""
     return next_boundary(cluster_iteration + 1, period, lead_iterations)
+
+
+# ---- out-of-step nodes -------------------------------------------------------------------------------
+#
+# The one rule (docs/membership.md, "Out of step"): a node that a member of its view left out (it was
+# frozen, cut off, restarted, resumed from an older checkpoint, or simply missed one deadline) does not
+# try to catch up inside that view. It re-enters the running cluster exactly as a late joiner does: it
+# declares a ready-from boundary ahead of the cluster, fetches parameters and optimizer state from a
+# member at that boundary and gossips from there. Its members take it back at that boundary because its
+# new ready-from is later than the iteration at which they left it out (``counts_in_view``).
+
+
+@dataclass(frozen=True)
+class PeerPosition:
+    """What this node last heard from one peer about where it is (its ``PeerStatus``)."""
+
+    node_id: str
+    training: bool
+    iteration: int
+    members: tuple[str, ...] = ()  # its current view while training
+    ready_from: int | None = None
+    paused: bool = False
+
+
+def left_out_by(self_id: str, ready_from: int | None, peers: Sequence[PeerPosition]) -> list[PeerPosition]:
+    """The training peers whose view does not count this node although they are past the boundary
+    from which this node gossips (a peer still before ``ready_from`` has not adopted that view yet)."""
+    if ready_from is None:
+        return []
+    return [
+        p for p in peers if p.training and p.iteration > ready_from and self_id not in p.members and p.members
+    ]
+
+
+def resync_source(
+    self_id: str, own_view: Sequence[str], ready_from: int | None, peers: Sequence[PeerPosition]
+) -> PeerPosition | None:
+    """The peer to re-enter through, or None when this node stays in its view.
+
+    A node resynchronises when training peers left it out *and* their view outranks its own: it is
+    larger, or as large and holding the smallest node id of the two. So of two halves of a healed
+    partition exactly one re-enters through the other (never both, which would leave no one to fetch
+    from); the node returned is the most advanced member of the winning view.
+    """
+    excluding = left_out_by(self_id, ready_from, peers)
+    if not excluding:
+        return None
+    # This node's side: itself and the members of its view that have not left it out.
+    excluding_ids = {peer.node_id for peer in excluding}
+    own = tuple(sorted({self_id} | {n for n in own_view if n not in excluding_ids}))
+    groups: dict[tuple[str, ...], list[PeerPosition]] = {}
+    for peer in excluding:
+        groups.setdefault(tuple(sorted(peer.members)), []).append(peer)
+    best = min(groups, key=lambda members: (-len(members), min(members)))
+    if len(best) < len(own) or (len(best) == len(own) and min(best) > min(own)):
+        return None
+    return max(groups[best], key=lambda p: p.iteration)
+
+
+# ---- where to enter: start, resume, re-found after a pause ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    """Start training at ``iteration`` with ``members`` (this node included), keeping local state."""
+
+    members: tuple[str, ...]
+    iteration: int
+
+
+@dataclass(frozen=True)
+class Join:
+    """Enter the running (or about to run) cluster through ``source`` as a late joiner does."""
+
+    source: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not yet: wait for the peers named in ``reason`` to move."""
+
+    reason: str
+
+
+def entry_plan(
+    self_id: str, own_iteration: int, peers: Sequence[PeerPosition], period: int
+) -> Found | Join | Wait:
+    """How a node that is not training (starting, resuming, or paused) enters, given the live peers.
+
+    - A peer that trains in a view counting this node at this node's own iteration (a founder that
+      started a moment earlier): found with that view.
+    - Training peers otherwise: join through the most advanced one, if its view outranks nothing else.
+    - No training peer: the nodes at the highest iteration found together, keeping their state, so a
+      consistent set of checkpoints resumes exactly; a node behind them waits until they train and
+      then joins (it fetches their state instead of timing out).
+    """
+    training = [p for p in peers if p.training and p.members]
+    for peer in training:
+        same_start = peer.ready_from == own_iteration and peer.iteration < own_iteration + period
+        if self_id in peer.members and same_start:
+            return Found(tuple(sorted(peer.members)), own_iteration)
+    if training:
+        return Join(max(training, key=lambda p: (len(p.members), p.iteration)).node_id)
+    highest = max([own_iteration, *(p.iteration for p in peers)])
+    if own_iteration < highest:
+        ahead = sorted(p.node_id for p in peers if p.iteration == highest)
+        return Wait(f"peers {ahead} are at iteration {highest}, this node at {own_iteration}; joining them")
+    together = [self_id, *(p.node_id for p in peers if p.iteration == own_iteration)]
+    return Found(tuple(sorted(together)), own_iteration)
+
+
+# ---- isolation ----------------------------------------------------------------------------------------
+
+
+class IsolationPolicy(StrEnum):
+    CONTINUE = "continue"  # train on alone, counted in logs, summary and metrics
+    PAUSE = "pause"  # stop at a boundary, report not-ready, keep probing, re-enter on heal
+    EXIT = "exit"  # checkpoint and exit non-zero
+
+
+class IsolationAction(StrEnum):
+    NONE = "none"
+    PAUSE = "pause"
+    EXIT = "exit"
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Since when (monotonic seconds) this node has reached fewer live peers than it needs."""
+
+    since: float | None = None
+
+
+def on_reachable_peers(
+    state: Isolation,
+    reachable: int,
+    needed: int,
+    now: float,
+    bound: float,
+    policy: IsolationPolicy,
+) -> tuple[Isolation, IsolationAction]:
+    """Isolation clock: reaching ``needed`` peers resets it; below that for more than ``bound``
+    seconds the policy's action is due (checked by the agent at boundaries)."""
+    if reachable >= needed:
+        return Isolation(None), IsolationAction.NONE
+    since = state.since if state.since is not None else now
+    if now - since < bound or policy is IsolationPolicy.CONTINUE:
+        return Isolation(since), IsolationAction.NONE
+    action = IsolationAction.PAUSE if policy is IsolationPolicy.PAUSE else IsolationAction.EXIT
+    return Isolation(since), action
+
+
+# ---- consistent stops ---------------------------------------------------------------------------------
+
+
+def propose_stop(iteration: int, period: int) -> int:
+    """The boundary a node asked to stop proposes: the first boundary after ``iteration`` (at least one
+    iteration ahead, so members a little behind or ahead of this node can all still reach it)."""
+    return next_boundary(iteration + 1, period)
+
+
+def adopt_stop(current: int | None, proposed: int, iteration: int) -> int | None:
+    """Stop proposals merge to the earliest one this node can still reach (iteration <= proposal).
+
+    Every member hears every proposal (they travel with the handshake status and are relayed), so all
+    of them settle on the same boundary and their checkpoints hold one iteration.
+    """
+    if proposed <= 0 or proposed < iteration:
+        return current
+    return proposed if current is None else min(current, proposed)

@@ -117,11 +117,17 @@ def build_discovery(
     sources: list[DiscoverySource] = []
     if mdns:
         try:
-            ipaddress.IPv4Address(host)
+            advertised = ipaddress.IPv4Address(host)
         except ValueError:
             raise ValueError(
                 f"mDNS needs --advertise with this host's IPv4 address (peers dial it), got {advertise!r}"
             ) from None
+        if advertised.is_loopback or advertised.is_link_local:
+            log.warning(
+                "mDNS announces an address other hosts cannot dial; only agents on this host will "
+                "reach this node (give --advertise auto or this host's LAN address)",
+                advertise=advertise,
+            )
         sources.append(
             MdnsDiscovery(
                 node_id,

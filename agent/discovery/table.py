@@ -148,6 +148,18 @@ class PeerTable:
         self._node_at[address] = node_id
         self._confirmed[node_id] = address
 
+    def alias(self, address: str, node_id: str) -> None:
+        """A handshake at ``address`` answered as ``node_id``, which the agent keeps using at its
+        confirmed address: list ``address`` among that node's alternates, not as a separate candidate
+        (so it is not dialled as an unknown node). ``forget(node_id)`` unbinds it again."""
+        if node_id == self.own_node_id:
+            self.confirm(address, node_id)
+            return
+        previous_owner = self._node_at.get(address, node_id)
+        if previous_owner != node_id and self._confirmed.get(previous_owner) == address:
+            del self._confirmed[previous_owner]
+        self._node_at[address] = node_id
+
     def confirmed(self) -> dict[str, str]:
         """node id -> the address its most recent handshake used."""
         return dict(self._confirmed)

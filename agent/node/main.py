@@ -15,8 +15,8 @@ import torch
 from agent.allocator import keep_freed_memory
 from agent.configfile import add_config_flags, config_from_args
 from agent.core.membership import MembershipError, check_node_id
+from agent.discovery.addresses import resolve_advertise
 from agent.logs import configure_logging, get_logger
-from agent.node.addresses import resolve_advertise
 from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
 
 EXIT_USAGE = 2
@@ -71,6 +71,29 @@ def agent_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--probe-interval", type=float, default=1.0, help="seconds between liveness probes")
     parser.add_argument(
+        "--isolation",
+        choices=("pause", "continue", "exit"),
+        default="pause",
+        help="when the node reaches too few peers for --isolation-timeout s: pause at a boundary (not "
+        "ready; rejoin on heal), continue alone (counted in logs and summary) or exit with status 3",
+    )
+    parser.add_argument(
+        "--isolation-min-peers",
+        type=int,
+        help="live peers a node must reach to keep training (default 1; 0 with no peers configured)",
+    )
+    parser.add_argument(
+        "--isolation-timeout",
+        type=float,
+        help="seconds below --isolation-min-peers before the policy applies (default 2 x --round-timeout)",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=10.0,
+        help="while a stop is being agreed, seconds to wait for a silent member before leaving it out",
+    )
+    parser.add_argument(
         "--pace",
         choices=("auto", "on", "off"),
         default="auto",
@@ -107,10 +130,12 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
     from agent.node.agent import AgentOptions
 
     host, port = split_host_port(args.listen, "--listen")
+    if port == 0 and args.advertise in (None, "", "auto"):
+        raise ValueError("--listen with port 0 needs --advertise HOST:PORT (peers must know the port)")
+    # A wildcard --listen with no --advertise advertises what --advertise auto picks (never 127.0.0.1)
+    # or fails naming the flag: see agent.discovery.addresses.
     advertise = resolve_advertise(args.advertise, host, port, args.interface)
     split_host_port(advertise, "--advertise")
-    if port == 0 and not args.advertise:
-        raise ValueError("--listen with port 0 needs --advertise (peers must know the port)")
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     for peer in peers:
         split_host_port(peer, "--peers")
@@ -127,6 +152,11 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
     if args.min_peers is not None and args.min_peers < 0:
         raise ValueError(f"--min-peers: must be >= 0, got {args.min_peers}")
     _positive(args.view_period, "--view-period")
+    if args.isolation_min_peers is not None and args.isolation_min_peers < 0:
+        raise ValueError(f"--isolation-min-peers: must be >= 0, got {args.isolation_min_peers}")
+    if args.isolation_timeout is not None:
+        _positive(args.isolation_timeout, "--isolation-timeout")
+    _positive(args.stop_grace, "--stop-grace")
     _positive(args.probe_interval, "--probe-interval")
     if args.settle is not None and args.settle < 0:
         raise ValueError(f"--settle: must be >= 0, got {args.settle}")
@@ -156,6 +186,10 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         settle_seconds=args.settle if args.settle is not None else 0.0,
         view_period=args.view_period,
         probe_interval=args.probe_interval,
+        isolation=args.isolation,
+        isolation_min_peers=args.isolation_min_peers,
+        isolation_timeout=args.isolation_timeout,
+        stop_grace=args.stop_grace,
     )
 
 
@@ -168,8 +202,8 @@ async def _run_agent(agent) -> int:  # noqa: ANN001 - PeerAgent
         signals_seen += 1
         if signals_seen > 1:
             os._exit(128 + signum)  # a second signal: leave at once
-        agent.log.info("stop requested; finishing the current round", signal=signal.Signals(signum).name)
-        agent.stop_requested.set()
+        agent.log.info("stop requested; agreeing a stop boundary", signal=signal.Signals(signum).name)
+        agent.request_stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -180,7 +214,7 @@ async def _run_agent(agent) -> int:  # noqa: ANN001 - PeerAgent
         quality=summary["final"].get("quality"),
         out=str(agent.options.out),
     )
-    return 0
+    return int(summary.get("exit_code", 0))
 
 
 def agent_main(argv: Sequence[str]) -> int:

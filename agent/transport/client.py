@@ -18,19 +18,16 @@ import torch
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
-from agent.transport.codec import (
-    FETCH_STATE_METHOD,
-    PUSH_VECTOR_METHOD,
-    PeerIdentity,
-    StateSnapshot,
-    StateStreamDecoder,
-    WireVector,
-    identity_mismatch,
-    iter_frames,
-    parse_chunk,
-    prepare_vector,
+from agent.transport.frames import WireVector, iter_frames, parse_chunk, prepare_vector
+from agent.transport.identity import PeerIdentity, identity_mismatch
+from agent.transport.options import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_STALL_TIMEOUT_S,
+    channel_options,
+    validate_chunk_bytes,
 )
-from agent.transport.options import DEFAULT_CHUNK_BYTES, channel_options, validate_chunk_bytes
+from agent.transport.protocol import FETCH_STATE_METHOD, PUSH_VECTOR_METHOD
+from agent.transport.state import StateSnapshot, StateStreamDecoder
 
 DEFAULT_RPC_TIMEOUT_S: Final = 10.0
 # A late joiner downloads parameters plus optimizer state; 4 GiB covers any model this agent targets
@@ -76,15 +73,24 @@ class PeerClient:
     the event loop that will use it (grpc.aio channels belong to one loop).
     """
 
-    def __init__(self, address: str, *, default_timeout: float = DEFAULT_RPC_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        default_timeout: float = DEFAULT_RPC_TIMEOUT_S,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+    ) -> None:
+        """`stall_timeout`: a FetchState download that delivers no chunk for this long is aborted
+        (pass the agent's round timeout)."""
         if not address or ":" not in address:
             raise ValueError(f"peer address must be host:port, got {address!r}")
         self._address = address
         self._default_timeout = _validate_timeout(default_timeout)
+        self._stall_timeout = _validate_timeout(stall_timeout)
         self._channel = grpc.aio.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.GossipStub(self._channel)
         # PushVector and FetchState bypass protobuf message objects on the hot path: requests go out
-        # as frames codec already serialized, responses are parsed by codec.parse_chunk without
+        # as frames frames already serialized, responses are parsed by frames.parse_chunk without
         # copying payloads. The wire bytes are the .proto's messages either way.
         self._push_vector = self._channel.stream_unary(
             PUSH_VECTOR_METHOD,
@@ -173,7 +179,7 @@ class PeerClient:
     ) -> pb.PushAck:
         """Push one gossip vector for (iteration, round); return the peer's ack.
 
-        `vector` is a flat float32 tensor, or a WireVector from codec.prepare_vector: prepare once
+        `vector` is a flat float32 tensor, or a WireVector from frames.prepare_vector: prepare once
         and push the same WireVector to every neighbour to convert and checksum only once (then
         `wire_dtype` is taken from it). The tensor must not be modified until this returns.
         `epoch` defaults to the handshaken identity's membership_epoch. A refused push (stale,
@@ -230,12 +236,16 @@ class PeerClient:
         chunk_bytes: int = 0,
         max_total_bytes: int = DEFAULT_MAX_STATE_BYTES,
         device: torch.device | str = "cpu",
+        stall_timeout: float | None = None,
     ) -> StateSnapshot:
         """Download named state tensors (all the peer offers if `names` is empty).
 
-        Everything received is validated; a malformed stream raises codec.WireError. `chunk_bytes`
-        0 lets the peer choose. `timeout` bounds the whole download.
+        Everything received is validated; a malformed stream raises frames.WireError. `chunk_bytes`
+        0 lets the peer choose. `timeout` bounds the whole download; a download that delivers no
+        chunk for `stall_timeout` (default: the client's) is cancelled with PeerUnavailable, and what
+        it had received is released.
         """
+        stall = self._stall_timeout if stall_timeout is None else _validate_timeout(stall_timeout)
         identity = self._require_handshake("fetch_state")
         if isinstance(names, str):
             raise ValueError("names must be a sequence of tensor names, not a single string")
@@ -248,12 +258,27 @@ class PeerClient:
             device=device,
         )
         request = pb.StateRequest(requester_id=identity.node_id, names=names, chunk_bytes=chunk_bytes)
+        call = self._fetch_state(request, timeout=self._timeout(timeout))
+        loop = asyncio.get_running_loop()
         try:
-            async for frame in self._fetch_state(request, timeout=self._timeout(timeout)):
-                self._bytes_received += len(frame)
-                decoder.add(parse_chunk(frame))
+            async with asyncio.timeout(loop.time() + stall) as watchdog:
+                async for frame in call:
+                    watchdog.reschedule(loop.time() + stall)
+                    self._bytes_received += len(frame)
+                    decoder.add(parse_chunk(frame))
         except grpc.aio.AioRpcError as error:
+            decoder.release()
             raise self._translate(error, "FetchState") from error
+        except TimeoutError:
+            call.cancel()
+            decoder.release()
+            raise PeerUnavailable(
+                f"FetchState from {self._address} stalled: no chunk for {stall:g} s; download aborted"
+            ) from None
+        except BaseException:
+            call.cancel()
+            decoder.release()
+            raise
         return decoder.finish()
 
     # ---- helpers ---------------------------------------------------------------------------------

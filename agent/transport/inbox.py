@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 import torch
 
-from agent.transport.codec import Position
+from agent.transport.frames import Position
 
 DEFAULT_AHEAD_WINDOW: Final = 2
 
@@ -88,6 +88,7 @@ class Inbox:
         # Senders whose vector for a position was already handed out; a re-send is a duplicate, not new.
         self._taken: dict[Position, set[str]] = {}
         self._waiters: set[asyncio.Future[None]] = set()
+        self._advance_listeners: list[Callable[[Position], None]] = []
         self.outcome_counts: Counter[PutOutcome] = Counter()
 
     @property
@@ -113,6 +114,13 @@ class Inbox:
         """Number of vectors currently held (delivered but not yet taken)."""
         return sum(len(by_sender) for by_sender in self._vectors.values())
 
+    def add_advance_listener(self, listener: Callable[[Position], None]) -> None:
+        """Call `listener(new_position)` synchronously each time expect() moves the inbox forward.
+
+        The server uses it to abort pushes that become stale while their payload is still arriving.
+        """
+        self._advance_listeners.append(listener)
+
     def expect(self, iteration: int, round: int) -> None:
         """Move to (iteration, round): discard everything older; it counts as stale from now on.
 
@@ -129,6 +137,8 @@ class Inbox:
         for stale in [position for position in self._taken if position < target]:
             del self._taken[stale]
         self._wake_waiters()
+        for listener in self._advance_listeners:
+            listener(target)
 
     def classify(self, sender_id: str, iteration: int, round: int) -> PutOutcome:
         """What put() would do with a message at this position, without storing anything.

@@ -30,6 +30,34 @@ SERVER_KEEPALIVE_TIMEOUT_MS: Final = 20_000
 # half the client interval leaves margin for timer jitter.
 SERVER_MIN_PING_INTERVAL_MS: Final = CLIENT_KEEPALIVE_TIME_MS // 2
 
+# Stream hygiene (GossipServer, PeerClient.fetch_state). A stream that delivers no chunk for the stall
+# limit is aborted and its receive buffer released at once. The default equals the agent's default
+# --round-timeout (the agent passes its own): a push that has not progressed for a whole round can no
+# longer be mixed into it.
+DEFAULT_STALL_TIMEOUT_S: Final = 10.0
+# Concurrent PushVector streams. A sender needs one stream per round in flight (a couple at most, with
+# pushes retried while a neighbour catches up); 4 leaves margin. Each admitted stream may hold one
+# receive buffer of the vector's size, so these caps bound receive memory at
+# min(MAX_PUSH_STREAMS, MAX_PUSH_STREAMS_PER_PEER x handshaken peers) x vector bytes, however many
+# streams are opened; extra streams are refused with RESOURCE_EXHAUSTED. The total leaves room for a
+# complete graph of ~128 nodes, each pushing one round at a time.
+MAX_PUSH_STREAMS_PER_PEER: Final = 4
+MAX_PUSH_STREAMS: Final = 256
+
+# Connection lifetime on the server (HTTP/2 GOAWAY; a client channel reconnects on its next call):
+# - idle: a connection with no RPC in flight for 5 min is closed. An agent's neighbours call every
+#   round and the peer registry probes every few seconds, so only connections of peers that left (or
+#   of clients that opened one and walked away) are closed; their sockets and HTTP/2 state are freed.
+#   Keepalive pings do not count as activity.
+# - age: every connection is renewed after ~1 h (gRPC adds +-10% jitter), so per-connection state
+#   (flow-control windows grown by BDP probing, HPACK tables, a route through a NAT that changed)
+#   cannot live forever; costs one reconnect per neighbour per hour.
+# - age grace: in-flight RPCs on an aged connection get this long to finish before it is closed; a
+#   state download by a late joiner is the longest RPC, so it is generous.
+SERVER_MAX_CONNECTION_IDLE_MS: Final = 5 * 60_000
+SERVER_MAX_CONNECTION_AGE_MS: Final = 60 * 60_000
+SERVER_MAX_CONNECTION_AGE_GRACE_MS: Final = 5 * 60_000
+
 ChannelOption = tuple[str, int | str]
 
 
@@ -52,18 +80,29 @@ def _message_size_options() -> list[ChannelOption]:
     ]
 
 
-def server_options() -> list[ChannelOption]:
-    """Options for `grpc.aio.server(options=...)`."""
+def server_options(*, max_connection_idle_ms: int = SERVER_MAX_CONNECTION_IDLE_MS) -> list[ChannelOption]:
+    """Options for `grpc.aio.server(options=...)`; `max_connection_idle_ms` is a parameter for tests."""
+    idle = max_connection_idle_ms
+    if isinstance(idle, bool) or not isinstance(idle, int) or idle <= 0:
+        raise ValueError(f"max_connection_idle_ms must be an int > 0, got {idle!r}")
     return [
         *_message_size_options(),
         # gRPC sets SO_REUSEPORT by default on Linux, which lets a second agent bind the same port
         # and silently steal half the connections. Turning it off makes a port clash fail at bind.
         ("grpc.so_reuseport", 0),
+        # Server pings every idle connection each minute and drops it if no answer within 20 s: a
+        # client that vanished without closing its socket is noticed even when it holds no RPC.
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Clients ping every 20 s even without calls; accept that rate (with margin) and answer a
+        # client that pings faster (2 strikes) with GOAWAY, so pings cannot be used to flood us.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
+        # Connection lifetime (see SERVER_MAX_CONNECTION_* above).
+        ("grpc.max_connection_idle_ms", max_connection_idle_ms),
+        ("grpc.max_connection_age_ms", SERVER_MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", SERVER_MAX_CONNECTION_AGE_GRACE_MS),
     ]
 
 

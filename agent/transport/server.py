@@ -3,15 +3,25 @@
 The server makes no training decisions. Whom to accept is the agent's HandshakePolicy; where pushed
 vectors go is the agent's Inbox; what state to hand a late joiner is the agent's StateProvider.
 What the server does own is wire hygiene: only handshaken peers may push or fetch, every byte is
-validated (codec.VectorAssembler), and partial or invalid data never reaches the inbox.
+validated (frames.VectorAssembler), and partial or invalid data never reaches the inbox.
+
+It also bounds what a slow, stuck or hostile peer can pin. A PushVector stream that delivers no chunk
+for `stall_timeout` seconds, or whose position goes stale while it is still arriving (the inbox moved
+past it), is aborted and its receive buffer released at once; concurrent PushVector streams are
+capped per sender and in total (extras get RESOURCE_EXHAUSTED); a FetchState response the requester
+stops reading is aborted after `stall_timeout` per send; idle connections are closed by gRPC
+(options.server_options). Every abort is counted in `rejection_counts` and logged with its reason
+(once per peer and kind, like every other refusal).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import grpc
@@ -20,23 +30,29 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
-from agent.transport.codec import (
-    GOSSIP_SERVICE_NAME,
-    PROTOCOL_VERSION,
+from agent.transport.frames import (
     ExpectedVector,
-    PeerIdentity,
+    Position,
     RawChunk,
-    StateSnapshot,
     VectorAssembler,
     WireError,
     WireErrorKind,
-    encode_state,
-    identity_mismatch,
     parse_chunk,
 )
+from agent.transport.identity import PeerIdentity, identity_mismatch
 from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
-from agent.transport.options import DEFAULT_CHUNK_BYTES, server_options, validate_chunk_bytes
+from agent.transport.options import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_STALL_TIMEOUT_S,
+    MAX_PUSH_STREAMS,
+    MAX_PUSH_STREAMS_PER_PEER,
+    SERVER_MAX_CONNECTION_IDLE_MS,
+    server_options,
+    validate_chunk_bytes,
+)
 from agent.transport.positions import PeerPositions
+from agent.transport.protocol import GOSSIP_SERVICE_NAME, PROTOCOL_VERSION
+from agent.transport.state import StateSnapshot, encode_state
 
 HandshakePolicy = Callable[[pb.HandshakeRequest], tuple[bool, str]]
 StateProvider = Callable[[], StateSnapshot | Awaitable[StateSnapshot]]
@@ -56,6 +72,42 @@ _STATUS_BY_WIRE_ERROR: Final = {
     WireErrorKind.TOO_FAR_AHEAD: pb.PUSH_STATUS_TOO_FAR_AHEAD,
     WireErrorKind.EPOCH_MISMATCH: pb.PUSH_STATUS_EPOCH_MISMATCH,
 }
+
+
+class _StreamAborted(Exception):
+    """Internal: a push stream was aborted between two chunks (see _PushStream.abort)."""
+
+
+@dataclass(slots=True, eq=False)
+class _PushStream:
+    """One PushVector stream being received, and the watchdog that aborts it.
+
+    `deadline` is the asyncio.timeout around the stream's reads: pushed forward by every chunk
+    (`fed`), or pulled to now by `abort` (the inbox moved past `position`), which cancels the pending
+    read; the handler then answers with `aborted`'s reason.
+    """
+
+    peer: str
+    stall_timeout: float
+    deadline: asyncio.Timeout | None = None
+    sender: str | None = None  # header's sender_id, once it is counted against the per-peer cap
+    position: Position | None = None
+    received_bytes: int = 0
+    aborted: tuple[str, str] | None = field(default=None)  # (kind, reason)
+
+    def fed(self) -> None:
+        if self.deadline is not None and self.aborted is None:
+            self.deadline.reschedule(asyncio.get_running_loop().time() + self.stall_timeout)
+
+    def abort(self, kind: str, reason: str) -> None:
+        if self.aborted is not None:
+            return
+        self.aborted = (kind, reason)
+        deadline = self.deadline
+        if deadline is not None and not deadline.expired():
+            # RuntimeError: the stream's read block already ended; it checks `aborted` itself.
+            with contextlib.suppress(RuntimeError):
+                deadline.reschedule(asyncio.get_running_loop().time())
 
 
 class BindError(OSError):
@@ -112,7 +164,15 @@ class GossipServer:
         device: torch.device | str = "cpu",
         state_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         positions: PeerPositions | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+        max_push_streams_per_peer: int = MAX_PUSH_STREAMS_PER_PEER,
+        max_push_streams: int = MAX_PUSH_STREAMS,
+        max_connection_idle_s: float = SERVER_MAX_CONNECTION_IDLE_MS / 1000,
     ) -> None:
+        """`stall_timeout`: seconds without a chunk before a PushVector stream (or without progress
+        before a FetchState send) is aborted; pass the agent's round timeout. `max_push_streams*`:
+        concurrent PushVector streams per sender and in total. `max_connection_idle_s`: a connection
+        with no RPC for this long is closed (grpc.max_connection_idle_ms)."""
         if vector_length < 0:
             raise ValueError(f"vector_length must be >= 0, got {vector_length}")
         if not 0 <= port <= 65535:
@@ -128,6 +188,23 @@ class GossipServer:
         self._requested_port = port
         self._device = device
         self._state_chunk_bytes = validate_chunk_bytes(state_chunk_bytes)
+        if not stall_timeout > 0:  # also rejects NaN
+            raise ValueError(f"stall_timeout must be > 0 seconds, got {stall_timeout}")
+        if not max_connection_idle_s > 0:
+            raise ValueError(f"max_connection_idle_s must be > 0 seconds, got {max_connection_idle_s}")
+        for name, cap in (
+            ("max_push_streams_per_peer", max_push_streams_per_peer),
+            ("max_push_streams", max_push_streams),
+        ):
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {cap!r}")
+        self._stall_timeout = float(stall_timeout)
+        self._max_push_streams_per_peer = max_push_streams_per_peer
+        self._max_push_streams = max_push_streams
+        self._max_connection_idle_ms = max(1, round(max_connection_idle_s * 1000))
+        self._push_streams: set[_PushStream] = set()
+        self._push_streams_by_sender: Counter[str] = Counter()
+        inbox.add_advance_listener(self._abort_stale_pushes)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._bound_port: int | None = None
@@ -154,7 +231,7 @@ class GossipServer:
         """Bind and start serving; health starts NOT_SERVING until `set_serving(True)`."""
         if self._server is not None:
             raise RuntimeError("GossipServer.start() called twice")
-        server = grpc.aio.server(options=server_options())
+        server = grpc.aio.server(options=server_options(max_connection_idle_ms=self._max_connection_idle_ms))
         handlers = self._method_handlers()
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(GOSSIP_SERVICE_NAME, handlers),)
@@ -214,6 +291,11 @@ class GossipServer:
         return dict(self._rejection_counts)
 
     @property
+    def push_streams_in_flight(self) -> int:
+        """PushVector streams currently admitted (each may hold one receive buffer)."""
+        return len(self._push_streams)
+
+    @property
     def handshaken_peers(self) -> dict[str, HandshakenPeer]:
         return dict(self._peers)
 
@@ -227,9 +309,9 @@ class GossipServer:
         """Handlers for the Gossip service as declared in the .proto, with zero-copy chunk codecs.
 
         Hand-built rather than via the generated add_GossipServicer_to_server so that PushVector
-        requests are parsed by codec.parse_chunk (payload stays a view into the received message) and
-        FetchState responses are sent as frames codec already serialized. The bytes on the wire are
-        exactly the protobuf messages, so generated stubs interoperate.
+        requests are parsed by frames.parse_chunk (payload stays a view into the received message) and
+        FetchState responses are sent as frames state.encode_state already serialized. The bytes on the
+        wire are exactly the protobuf messages, so generated stubs interoperate.
         """
         return {
             "Handshake": grpc.unary_unary_rpc_method_handler(
@@ -245,7 +327,7 @@ class GossipServer:
             "FetchState": grpc.unary_stream_rpc_method_handler(
                 self._rpc_fetch_state,
                 request_deserializer=pb.StateRequest.FromString,
-                response_serializer=None,  # codec.encode_state yields serialized VectorChunks
+                response_serializer=None,  # state.encode_state yields serialized VectorChunks
             ),
             "Announce": grpc.unary_unary_rpc_method_handler(
                 self._rpc_announce,
@@ -262,13 +344,46 @@ class GossipServer:
     async def _rpc_push_vector(
         self, chunks: AsyncIterator[RawChunk | WireError], context: grpc.aio.ServicerContext
     ) -> pb.PushAck:
-        return await self._handle_push(chunks, context.peer())
+        peer = context.peer()
+        if len(self._push_streams) >= self._max_push_streams:
+            reason = (
+                f"{self._identity.node_id!r} is receiving {len(self._push_streams)} PushVector streams, "
+                f"the most it admits at once; retry later"
+            )
+            self._log_once(peer, "push_streams_exhausted", reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        stream = _PushStream(peer=peer, stall_timeout=self._stall_timeout)
+        self._push_streams.add(stream)
+        try:
+            result = await self._handle_push(chunks, stream)
+        finally:
+            self._push_streams.discard(stream)
+            if stream.sender is not None:
+                self._push_streams_by_sender[stream.sender] -= 1
+                if self._push_streams_by_sender[stream.sender] <= 0:
+                    del self._push_streams_by_sender[stream.sender]
+        if isinstance(result, pb.PushAck):
+            return result
+        code, reason = result
+        await context.abort(code, reason)
+        raise AssertionError("unreachable: context.abort raises")
 
-    async def _rpc_fetch_state(
-        self, request: pb.StateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def _rpc_fetch_state(self, request: pb.StateRequest, context: grpc.aio.ServicerContext) -> None:
+        # context.write instead of yielding frames, so every send can be bounded: a requester that
+        # stops reading would otherwise pin the snapshot for as long as its connection lives.
+        sent = 0
         async for frame in self._handle_fetch_state(request, context):
-            yield frame
+            try:
+                async with asyncio.timeout(self._stall_timeout):
+                    await context.write(frame)
+            except TimeoutError:
+                reason = (
+                    f"FetchState stalled: requester {request.requester_id!r} read nothing for "
+                    f"{self._stall_timeout:g} s; aborted after {sent} bytes"
+                )
+                self._log_once(request.requester_id or context.peer(), "fetch_state_stalled", reason)
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
+            sent += len(frame)
 
     async def _rpc_announce(
         self, request: pb.RoundAnnouncement, context: grpc.aio.ServicerContext
@@ -324,59 +439,91 @@ class GossipServer:
             return f"peer claims this node's own node_id {request.node_id!r}"
         return None
 
-    async def _handle_push(self, chunks: AsyncIterator[RawChunk | WireError], peer: str) -> pb.PushAck:
-        sender = peer  # replaced by the header's sender_id once known; used for accounting and logs
+    async def _handle_push(
+        self, chunks: AsyncIterator[RawChunk | WireError], stream: _PushStream
+    ) -> pb.PushAck | tuple[grpc.StatusCode, str]:
+        """Receive one push; return its ack, or the (status code, reason) to abort the RPC with."""
+        sender = stream.peer  # replaced by the header's sender_id once known; used for accounting and logs
         assembler: VectorAssembler | None = None
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in chunks:
-                if isinstance(chunk, WireError):
-                    raise chunk
-                if assembler is None and chunk.header is not None and chunk.header.sender_id:
-                    sender = chunk.header.sender_id
-                self._count_received(sender, chunk.message_bytes)
-                if assembler is not None:
+            async with asyncio.timeout(loop.time() + self._stall_timeout) as deadline:
+                stream.deadline = deadline
+                async for chunk in chunks:
+                    if stream.aborted is not None:
+                        raise _StreamAborted
+                    stream.fed()
+                    if isinstance(chunk, WireError):
+                        raise chunk
+                    if assembler is None and chunk.header is not None and chunk.header.sender_id:
+                        sender = chunk.header.sender_id
+                    self._count_received(sender, chunk.message_bytes)
+                    stream.received_bytes += chunk.message_bytes
+                    if assembler is not None:
+                        assembler.add(chunk)
+                        continue
+                    header = chunk.header
+                    if header is None:
+                        raise WireError(
+                            WireErrorKind.MISSING_HEADER, "first chunk of the stream carries no VectorHeader"
+                        )
+                    known_peer = self._peers.get(header.sender_id)
+                    if known_peer is None:
+                        return self._reject(
+                            sender,
+                            pb.PUSH_STATUS_NOT_HANDSHAKEN,
+                            f"node {header.sender_id!r} has not completed a handshake with "
+                            f"{self._identity.node_id!r}; handshake before pushing",
+                        )
+                    if self._push_streams_by_sender[sender] >= self._max_push_streams_per_peer:
+                        reason = (
+                            f"{sender!r} already has {self._push_streams_by_sender[sender]} PushVector "
+                            f"streams open to {self._identity.node_id!r}, the most one peer may; "
+                            "retry when one finishes"
+                        )
+                        self._log_once(sender, "push_streams_per_peer", reason)
+                        return grpc.StatusCode.RESOURCE_EXHAUSTED, reason
+                    stream.sender = sender
+                    self._push_streams_by_sender[sender] += 1
+                    assembler = VectorAssembler(
+                        ExpectedVector(
+                            element_count=self._vector_length,
+                            earliest=self._inbox.position,
+                            latest=self._inbox.latest_accepted,
+                            rounds_per_iteration=self._inbox.rounds_per_iteration,
+                            # Any epoch is accepted here: the agent compares each vector's epoch with its
+                            # own view when it mixes (views change at boundaries, not at handshakes).
+                            membership_epoch=None,
+                            device=self._device,
+                        )
+                    )
                     assembler.add(chunk)
-                    continue
-                header = chunk.header
-                if header is None:
-                    raise WireError(
-                        WireErrorKind.MISSING_HEADER, "first chunk of the stream carries no VectorHeader"
-                    )
-                known_peer = self._peers.get(header.sender_id)
-                if known_peer is None:
-                    return self._reject(
-                        sender,
-                        pb.PUSH_STATUS_NOT_HANDSHAKEN,
-                        f"node {header.sender_id!r} has not completed a handshake with "
-                        f"{self._identity.node_id!r}; handshake before pushing",
-                    )
-                assembler = VectorAssembler(
-                    ExpectedVector(
-                        element_count=self._vector_length,
-                        earliest=self._inbox.position,
-                        latest=self._inbox.latest_accepted,
-                        rounds_per_iteration=self._inbox.rounds_per_iteration,
-                        # Any epoch is accepted here: the agent compares each vector's epoch with its
-                        # own view when it mixes (views change at boundaries, not at handshakes).
-                        membership_epoch=None,
-                        device=self._device,
-                    )
-                )
-                assembler.add(chunk)
-                if self._inbox.classify(sender, header.iteration, header.round) is PutOutcome.DUPLICATE:
-                    # Refuse from the header: no point receiving megabytes we will throw away.
-                    return self._reject(
-                        sender,
-                        pb.PUSH_STATUS_DUPLICATE,
-                        f"already received a vector from {sender!r} for "
-                        f"(iteration {header.iteration}, round {header.round})",
-                    )
+                    stream.position = Position(header.iteration, header.round)
+                    if self._inbox.classify(sender, header.iteration, header.round) is PutOutcome.DUPLICATE:
+                        # Refuse from the header: no point receiving megabytes we will throw away.
+                        return self._reject(
+                            sender,
+                            pb.PUSH_STATUS_DUPLICATE,
+                            f"already received a vector from {sender!r} for "
+                            f"(iteration {header.iteration}, round {header.round})",
+                        )
+                if stream.aborted is not None:
+                    raise _StreamAborted
+                # Reading is over: an abort from here on would cancel nothing.
+                deadline.reschedule(None)
+                stream.deadline = None
             if assembler is None:
                 raise WireError(WireErrorKind.MISSING_HEADER, "push stream carried no chunks")
             decoded = assembler.finish()
         except WireError as error:
             status = _STATUS_BY_WIRE_ERROR.get(error.kind, pb.PUSH_STATUS_MALFORMED)
             return self._reject(sender, status, str(error), error.kind)
+        except (TimeoutError, _StreamAborted):
+            return self._aborted_push(stream, sender, assembler)
+        finally:
+            stream.deadline = None
+            if assembler is not None:
+                assembler.release()  # an unfinished stream's buffer goes back to the pool now
 
         # The inbox may have moved on while the payload streamed in; put() re-checks the position.
         outcome = self._inbox.put(
@@ -396,6 +543,34 @@ class GossipServer:
             f"vector for (iteration {decoded.iteration}, round {decoded.round}) not delivered: "
             f"{outcome.value}; inbox is at {tuple(self._inbox.position)}",
         )
+
+    def _aborted_push(
+        self, stream: _PushStream, sender: str, assembler: VectorAssembler | None
+    ) -> pb.PushAck | tuple[grpc.StatusCode, str]:
+        progress = f"aborted after {stream.received_bytes} bytes"
+        if assembler is not None and assembler.header is not None:
+            header = assembler.header
+            progress += (
+                f" of the vector for (iteration {header.iteration}, round {header.round}), "
+                f"{assembler.received_bytes} of its payload bytes"
+            )
+        if stream.aborted is None:
+            reason = f"PushVector stalled: no chunk from {sender!r} for {self._stall_timeout:g} s; {progress}"
+            self._log_once(sender, "push_stalled", reason)
+            return grpc.StatusCode.DEADLINE_EXCEEDED, reason
+        kind, reason = stream.aborted
+        return self._reject(sender, pb.PUSH_STATUS_STALE, f"{reason}; {progress}", kind)
+
+    def _abort_stale_pushes(self, position: Position) -> None:
+        """Inbox listener: abort every push still arriving for a position the inbox has left."""
+        for stream in list(self._push_streams):
+            if stream.position is not None and stream.position < position:
+                stream.abort(
+                    "stale_while_arriving",
+                    f"vector for (iteration {stream.position.iteration}, round {stream.position.round}) "
+                    f"became stale while arriving: inbox moved to "
+                    f"(iteration {position.iteration}, round {position.round})",
+                )
 
     async def _handle_fetch_state(
         self, request: pb.StateRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,287 @@
+"""One gossip round of DPOSG over gRPC: announce, push this node's vector to its neighbours of the
+round, collect theirs, and mix them with the row of the mixing matrix (``agent.core.mixing``).
+
+Which neighbours count, and what a missed deadline or a failed push means, is decided by the view
+controller (``agent.node.views``); this module only moves vectors and reports what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from agent.core.config import TrainConfig
+from agent.core.membership import PeerEvent
+from agent.core.mixing import mix_row, renormalized_row, row_for_round
+from agent.node.peers import PeerRegistry
+from agent.node.views import ViewController
+from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
+from agent.transport.client import PeerRpcError, PeerUnavailable
+from agent.transport.codec import prepare_vector
+from agent.transport.inbox import Inbox, InboxMessage
+from agent.transport.positions import PeerPositions
+from agent.transport.server import GossipServer
+
+PUSH_RETRY_SECONDS = 0.01
+
+
+@dataclass
+class Traffic:
+    """What one iteration (or a run of solo iterations) cost and whom it mixed with."""
+
+    compute_seconds: float = 0.0
+    communication_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    participants: set[str] = field(default_factory=set)
+    iterations: int = 1
+    # A neighbour refused our vector as stale: it has moved past this position (we are behind it).
+    behind: set[str] = field(default_factory=set)
+    troubled: bool = False  # a neighbour missed the deadline, was unreachable or is behind
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    rounds: int
+    wire_dtype: str
+    chunk_bytes: int
+    round_timeout: float
+    pace: str  # auto | on | off
+
+
+class GossipRounds:
+    """Runs gossip rounds for the agent. ``deadline_seconds`` gives the current per-round deadline
+    (longer while a stop is being agreed); ``stop_reached`` says the agreed stop position was reached, so
+    a round still waiting can give up at once."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        settings: RoundSettings,
+        *,
+        views: ViewController,
+        registry: PeerRegistry,
+        inbox: Inbox,
+        server: GossipServer,
+        positions: PeerPositions,
+        in_compute: Callable[..., Awaitable[Any]],
+        deadline_seconds: Callable[[], float],
+        stop_event: asyncio.Event,
+        log: Any,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.views = views
+        self.registry = registry
+        self.inbox = inbox
+        self.server = server
+        self.positions = positions
+        self.in_compute = in_compute
+        self.deadline_seconds = deadline_seconds
+        self.stop_event = stop_event
+        self.log = log
+
+    def paced(self) -> bool:
+        pace = self.settings.pace
+        return pace == "on" or (pace == "auto" and self.views.schedule.period > 1)
+
+    async def _announce(self, node_id: str, iteration: int, round_: int) -> bool:
+        """Tell a neighbour of this round that we entered it; False if it cannot be reached."""
+        client = self.registry.clients.get(node_id)
+        if client is None:
+            return False  # _push records it
+        try:
+            ack = await client.announce(
+                iteration=iteration,
+                round=round_,
+                epoch=self.views.view.epoch,
+                timeout=self.settings.round_timeout,
+            )
+        except PeerUnavailable as error:
+            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, str(error))
+            return False
+        except (PeerRpcError, RuntimeError) as error:  # RuntimeError: the client lost its handshake
+            self.log.debug("announce failed", neighbour=node_id, error=str(error))
+            return True
+        if not ack.accepted:
+            self.log.debug("announce refused", neighbour=node_id, reason=ack.reason)
+        return True
+
+    async def _paced_wait(
+        self, node_id: str, position: tuple[int, int], announcement: asyncio.Future[bool], deadline: float
+    ) -> bool:
+        """Wait until the neighbour has entered ``position``; True to push now, False to skip the push
+        (the neighbour is unreachable, or the agreed stop was reached: the round will not be mixed).
+
+        Our own announcement's ack is not waited for: under a congested link it can come back after
+        the neighbour's announcement. Past the deadline we push anyway; its inbox buffers or refuses
+        as it would without pacing.
+        """
+        reached = asyncio.ensure_future(
+            self.positions.wait_reached(node_id, position, deadline - time.monotonic())
+        )
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        pending: set[asyncio.Future[Any]] = {reached, stop, announcement}
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    return False
+                if announcement in done and not announcement.result():
+                    if self.registry.clients.get(node_id) is None:
+                        self.views.record(node_id, PeerEvent.UNREACHABLE, position[0], "no connection")
+                    return False
+                if reached in done:
+                    if not reached.result():
+                        self.log.debug(
+                            "neighbour did not announce the round; pushing anyway", neighbour=node_id
+                        )
+                    return True
+        finally:
+            reached.cancel()
+            stop.cancel()
+
+    async def _push(
+        self,
+        node_id: str,
+        wire: Any,
+        iteration: int,
+        round_: int,
+        traffic: Traffic,
+        announcement: asyncio.Future[bool] | None = None,
+    ) -> None:
+        deadline = time.monotonic() + self.deadline_seconds()
+        if announcement is not None and not await self._paced_wait(
+            node_id, (iteration, round_), announcement, deadline
+        ):
+            return
+        client = self.registry.clients.get(node_id)
+        if client is None:
+            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, "no connection")
+            return
+        sent_before = client.bytes_sent
+        try:
+            while True:
+                ack = await client.push_vector(
+                    wire,
+                    iteration=iteration,
+                    round=round_,
+                    epoch=self.views.view.epoch,
+                    chunk_bytes=self.settings.chunk_bytes,
+                    timeout=max(0.1, deadline - time.monotonic()),
+                )
+                # A neighbour still finishing an earlier round refuses us as too far ahead; it will get
+                # there (partners of time-varying graphs drift apart by up to a period), so try again.
+                if ack.status != pb.PUSH_STATUS_TOO_FAR_AHEAD or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(PUSH_RETRY_SECONDS)
+        except (PeerUnavailable, PeerRpcError, RuntimeError) as error:
+            # RuntimeError: the client's handshake was reset under us (the peer restarted or moved).
+            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, str(error))
+            return
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our own cancellation
+            # The channel was closed under the call (the peer re-handshook from a new address).
+            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, "push cancelled by a channel change")
+            return
+        finally:
+            traffic.bytes_sent += client.bytes_sent - sent_before
+        if ack.status == pb.PUSH_STATUS_STALE:
+            traffic.behind.add(node_id)
+        if not ack.accepted:
+            self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
+
+    async def _collect(
+        self, iteration: int, round_: int, wanted: list[str]
+    ) -> dict[str, InboxMessage] | None:
+        """The neighbours' vectors for the round, waiting up to the deadline; None when the agreed stop
+        was reached meanwhile (the round is abandoned, the state before this iteration is kept)."""
+        waiting = asyncio.ensure_future(
+            self.inbox.wait_for_messages(iteration, round_, wanted, timeout=self.deadline_seconds())
+        )
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            return None
+        return waiting.result()
+
+    async def round(
+        self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
+    ) -> torch.Tensor | None:
+        """Mix ``x`` (1-D float32, the full parameter vector) with this round's neighbours; None when the
+        agreed stop position was reached while the round waited."""
+        views = self.views
+        view = views.view
+        round_index = iteration * self.settings.rounds + round_
+        row = views.schedule.row(views.index, round_index)
+        neighbours = [view.node_id(j) for j, _ in row if j != views.index]
+        live = views.live_neighbours(neighbours, iteration)
+        self.inbox.expect(iteration, round_)
+        if not live:
+            if neighbours:
+                traffic.troubled = True
+            return x if len(row) == 1 else mix_row(renormalized_row(row, {views.index}), {views.index: x})
+        # Announce first, so neighbours already in this round can send to us while we encode.
+        announcements: dict[str, asyncio.Future[bool]] = (
+            {n: asyncio.ensure_future(self._announce(n, iteration, round_)) for n in live}
+            if self.paced()
+            else {}
+        )
+        try:
+            wire = await self.in_compute(prepare_vector, x, self.settings.wire_dtype)
+            received_before = self.server.bytes_received
+            # A push in flight finishes; a paced push still waiting for its neighbour is skipped once the
+            # agreed stop is reached (_paced_wait).
+            await asyncio.gather(
+                *(
+                    self._push(node_id, wire, iteration, round_, traffic, announcements.get(node_id))
+                    for node_id in live
+                )
+            )
+        finally:
+            for task in announcements.values():
+                task.cancel()
+        reachable = [node_id for node_id in live if views.health[node_id].alive]
+        # A neighbour that called us stale has left us out: waiting for it would only cost the deadline.
+        waited = [node_id for node_id in reachable if node_id not in traffic.behind]
+        messages = await self._collect(iteration, round_, waited)
+        if messages is None:
+            return None
+        traffic.bytes_received += self.server.bytes_received - received_before
+        arrived = {view.index(n): m.epoch for n, m in messages.items()}
+        row, missing, other_view = row_for_round(row, views.index, arrived, view.epoch)
+        for node_id in reachable:
+            j = view.index(node_id)
+            if node_id in traffic.behind:
+                traffic.troubled = True
+            elif j in missing:
+                traffic.troubled = True
+                views.record(node_id, PeerEvent.MISSED_DEADLINE, iteration, "no vector by the round deadline")
+            elif j in other_view:
+                # Mixed under another view: left out of this round, but it is alive.
+                if (node_id, messages[node_id].epoch) not in views.mismatch_logged:
+                    views.mismatch_logged.add((node_id, messages[node_id].epoch))
+                    self.log.info("neighbour holds another view; not mixing with it", neighbour=node_id)
+            else:
+                views.record(node_id, PeerEvent.DELIVERED, iteration)
+        vectors = {views.index: x} | {
+            j: messages[view.node_id(j)].vector.to(x.device) for j, _ in row if j != views.index
+        }
+        traffic.participants.update(view.node_id(j) for j, _ in row if j != views.index)
+        left_out = sorted(n for n in reachable if view.index(n) in missing or view.index(n) in other_view)
+        if left_out:
+            self.log.info(
+                "round mixed without neighbours", iteration=iteration, round=round_, missing=left_out
+            )
+        return await self.in_compute(mix_row, row, vectors)

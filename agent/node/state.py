@@ -1,0 +1,74 @@
+"""A node's training state in and out: from a checkpoint (resume), to and from a member (FetchState),
+so the lifecycle only decides when."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent.checkpoint import Checkpoint, CheckpointError
+from agent.core.algorithms import NodeState
+from agent.core.config import TrainConfig
+from agent.train.workload import GanProblem
+from agent.transport.client import PeerClient
+from agent.transport.codec import StateSnapshot
+
+STATE_POLL_SECONDS = 0.02
+
+
+def snapshot_of(boundary_state: tuple[int, NodeState] | None) -> StateSnapshot:
+    """The state at the latest view boundary: what a joiner entering at that boundary starts from."""
+    if boundary_state is None:
+        raise RuntimeError("this node has no training state yet")
+    iteration, state = boundary_state
+    tensors = dict(state.tensors()) | {"step": torch.tensor([float(state.step)])}
+    return StateSnapshot(iteration=iteration, round=0, tensors=tensors)
+
+
+def state_from_snapshot(snapshot: StateSnapshot, device: torch.device) -> NodeState:
+    tensors = {name: tensor.to(device) for name, tensor in snapshot.tensors.items()}
+    step = int(tensors.pop("step").item()) if "step" in tensors else 0
+    return NodeState(
+        x=tensors["x"],
+        direction=tensors.get("direction"),
+        moment1=tensors.get("moment1"),
+        moment2=tensors.get("moment2"),
+        step=step,
+    )
+
+
+async def fetch_at_boundary(client: PeerClient, boundary: int, timeout: float) -> StateSnapshot:
+    """Poll a member's FetchState until it serves its state at ``boundary`` or later.
+
+    Raises PeerUnavailable / PeerRpcError / WireError as the client does.
+    """
+    while True:
+        snapshot = await client.fetch_state(timeout=timeout)
+        if snapshot.iteration >= boundary:
+            return snapshot
+        await asyncio.sleep(STATE_POLL_SECONDS)
+
+
+def restore_state(
+    problem: GanProblem, config: TrainConfig, path: Path, checkpoint: Checkpoint, device: torch.device
+) -> NodeState:
+    """The node state of a checkpoint; raises CheckpointError naming the file when it does not fit."""
+    if checkpoint.schema_hash != problem.layout.schema_hash():
+        raise CheckpointError(f"checkpoint {path} was written for a different model (schema hash differs)")
+    # The iteration goal may grow on resume (train longer); everything else must match.
+    current = {k: v for k, v in config.cluster_dict().items() if k != "iterations"}
+    differing = sorted(k for k, v in current.items() if checkpoint.config.get(k) != v)
+    if differing:
+        raise CheckpointError(f"checkpoint {path} was written with a different configuration: {differing}")
+    x = problem.layout.flatten(checkpoint.parameters).to(device)
+    optimizer: dict[str, Any] = {k: v.to(device) for k, v in checkpoint.optimizer.items()}
+    return NodeState(
+        x=x,
+        direction=optimizer.get("direction"),
+        moment1=optimizer.get("moment1"),
+        moment2=optimizer.get("moment2"),
+        step=checkpoint.step,
+    )
