@@ -473,6 +473,23 @@ def test_forget_drops_what_the_handshake_proved_but_keeps_listed_addresses() -> 
     run(table.stop())
 
 
+def test_an_alias_is_listed_under_its_node_and_not_as_an_unknown_candidate() -> None:
+    """The registry reached node b at one address and found it answers at another too (127.0.0.1 and
+    ::1 of one name): that address becomes an alternate of b, not a candidate of its own."""
+    dns = ListedSource(
+        SOURCE_DNS, [Candidate("127.0.0.1:7000", SOURCE_DNS), Candidate("[::1]:7000", SOURCE_DNS)]
+    )
+    table = PeerTable([dns])
+    table.confirm("127.0.0.1:7000", "b")
+    assert [c.address for c in table.candidates()] == ["127.0.0.1:7000", "[::1]:7000"]
+    table.alias("[::1]:7000", "b")
+    (merged,) = table.candidates()
+    assert (merged.address, merged.node_id, merged.alternates) == ("127.0.0.1:7000", "b", ("[::1]:7000",))
+    assert table.confirmed() == {"b": "127.0.0.1:7000"}  # the alias does not become the address used
+    table.forget("b")  # b is down: both addresses are candidates again
+    assert [c.node_id for c in table.candidates()] == [None, None]
+
+
 def test_wait_for_change_never_misses_a_change_between_reading_and_waiting() -> None:
     async def scenario() -> None:
         source = ListedSource(SOURCE_MDNS)

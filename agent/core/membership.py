@@ -71,7 +71,12 @@ class Membership:
 
 class PeerEvent(StrEnum):
     DELIVERED = "delivered"  # the neighbour's vector for the round arrived in time
-    MISSED_DEADLINE = "missed_deadline"  # nothing from it by the round deadline
+    # Nothing from it by the round deadline, but a probe found it training in this view at this
+    # position: it is held up by a neighbour of its own (a frozen node two hops away), not out of step.
+    MISSED_DEADLINE = "missed_deadline"
+    # Nothing by the deadline and the probe did not answer in time, or answered from another position
+    # or view: it is out of step (frozen, cut off, restarted, behind or ahead).
+    OUT_OF_STEP = "out_of_step"
     UNREACHABLE = "unreachable"  # a push to it failed at the transport level (refused, reset, timeout)
 
 
@@ -90,15 +95,16 @@ class PeerHealth:
 def on_peer_event(
     health: PeerHealth, event: PeerEvent, max_missed_rounds: int
 ) -> tuple[PeerHealth, PeerAction]:
-    """Liveness comes from gRPC: an unreachable peer is down at once; a silent one after
-    ``max_missed_rounds`` deadlines in a row (each missed round already leaves it out). The agent uses
-    ``max_missed_rounds=1``: nobody waits for a neighbour more than one round timeout in a row; a
-    neighbour marked down stays out of later views until it re-enters as a joiner (``counts_in_view``)."""
+    """Liveness comes from gRPC: an unreachable or out-of-step peer is down at once; one that is in step
+    but late after ``max_missed_rounds`` deadlines in a row (each missed round already leaves it out).
+    The agent uses ``max_missed_rounds=2``, so nobody waits for an out-of-step neighbour more than one
+    round timeout; a neighbour marked down stays out of later views until it re-enters as a joiner
+    (``counts_in_view``)."""
     if not health.alive:
         return health, PeerAction.NONE
     if event is PeerEvent.DELIVERED:
         return replace(health, consecutive_misses=0), PeerAction.NONE
-    if event is PeerEvent.UNREACHABLE:
+    if event in (PeerEvent.UNREACHABLE, PeerEvent.OUT_OF_STEP):
         return PeerHealth(alive=False, consecutive_misses=health.consecutive_misses), PeerAction.MARK_DOWN
     misses = health.consecutive_misses + 1
     if misses >= max_missed_rounds:

@@ -65,11 +65,14 @@ from agent.train.simulate import hyper_from, node_checkpoint
 from agent.train.workload import GanProblem, NodeOperator, node_generator, resolve_device
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
-from agent.transport.codec import PROTOCOL_VERSION, PeerIdentity, StateSnapshot, WireError
+from agent.transport.frames import WireError
+from agent.transport.identity import PeerIdentity
 from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES
 from agent.transport.positions import PeerPositions
+from agent.transport.protocol import PROTOCOL_VERSION
 from agent.transport.server import GossipServer
+from agent.transport.state import StateSnapshot
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FINAL_NAME = "final.safetensors"
@@ -184,6 +187,7 @@ class PeerAgent:
             port=options.listen_port,
             device=self.device,
             positions=self.positions,
+            stall_timeout=options.round_timeout,
         )
         self.hyper = hyper_from(config)
         self.state: NodeState | None = None
@@ -417,17 +421,22 @@ class PeerAgent:
         assert self.config.iterations is not None
         lead = 2 * self.options.view_period
         while True:
+            # Fresh statuses first: a probe answer up to --probe-interval old may lag the cluster by more
+            # than the lead, and every member (not only the source) must hear of us before the boundary.
+            self.training = False
+            self.ready_from = None
+            await self.registry.refresh()
             status = self.registry.remote_status.get(source_id)
             client = self.registry.clients.get(source_id)
             if status is None or client is None:
                 raise AgentError(f"could not reach {source_id} to join the running cluster")
-            boundary = join_iteration(status.iteration, self.options.view_period, lead)
+            furthest = max([status.iteration, *(p.iteration for p in self.views.positions() if p.training)])
+            boundary = join_iteration(furthest, self.options.view_period, lead)
             if boundary >= self.config.iterations:
                 raise NothingToJoin(
                     f"the running cluster is at iteration {status.iteration} and finishes at "
                     f"{self.config.iterations}, before the next join boundary {boundary}: nothing to join"
                 )
-            self.training = False
             self.ready_from = boundary
             self.inbox.expect(boundary, 0)
             await self.registry.refresh()  # tell every member now, not at its next probe
@@ -443,12 +452,12 @@ class PeerAgent:
                 )
             except (PeerUnavailable, PeerRpcError, WireError) as error:
                 raise AgentError(f"could not fetch state from {source_id}: {error}") from error
-            if snapshot.iteration == boundary:
+            if snapshot.iteration == boundary and await self._counted_by(source_id, boundary):
                 break
-            # The member was past the boundary before we fetched (it ran faster than our announcement
-            # travelled): its view there did not count us. Declare a later boundary, with more lead.
+            # The member was past the boundary before it heard of us (it ran faster than our announcement
+            # travelled): its view there does not count us. Declare a later boundary, with more lead.
+            self.log.info("members did not count this node at the boundary; joining later", boundary=boundary)
             lead *= 2
-            await self.registry.handshake(client.address)
         self.state = state_from_snapshot(snapshot, self.device)
         self.views.forget_left_out()
         view = view_at_boundary(self.options.node_id, self.registry.usable_records(), boundary)
@@ -456,6 +465,20 @@ class PeerAgent:
         self._install_view(view, boundary)
         self.iteration = boundary
         self.log.info("fetched state", iteration=boundary, source=source_id, members=list(view.node_ids))
+
+    async def _counted_by(self, source_id: str, boundary: int) -> bool:
+        """Whether ``source_id``, now at ``boundary`` or later, holds a view that counts this node."""
+        client = self.registry.clients.get(source_id)
+        if client is None:
+            return False
+        try:
+            response = await client.handshake(
+                self.identity, timeout=self.options.round_timeout, status=self._status()
+            )
+        except Exception:  # refused or unreachable: not counted (the loop re-reads its status)
+            return False
+        status = response.status
+        return status.iteration < boundary or self.options.node_id in status.members
 
     # ---- training ----------------------------------------------------------------------------------
 

@@ -22,12 +22,15 @@ from agent.node.peers import PeerRegistry
 from agent.node.views import ViewController
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
-from agent.transport.codec import prepare_vector
+from agent.transport.frames import prepare_vector
 from agent.transport.inbox import Inbox, InboxMessage
 from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer
 
 PUSH_RETRY_SECONDS = 0.01
+# How long a neighbour that missed a deadline has to answer a status probe (a live agent's event loop
+# answers in milliseconds; a frozen or cut-off one never does).
+PROBE_SECONDS = 0.5
 
 
 @dataclass
@@ -216,6 +219,20 @@ class GossipRounds:
             return None
         return waiting.result()
 
+    async def _probe(self, node_id: str) -> pb.PeerStatus | None:
+        """A neighbour's status right now (a handshake), or None if it does not answer promptly."""
+        client = self.registry.clients.get(node_id)
+        if client is None:
+            return None
+        timeout = min(PROBE_SECONDS, self.settings.round_timeout / 2)
+        try:
+            response = await client.handshake(
+                self.registry.identity, timeout=timeout, status=self.registry.status()
+            )
+        except Exception:  # refused, unavailable, timed out: not in step, whatever the cause
+            return None
+        return response.status
+
     async def round(
         self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
     ) -> torch.Tensor | None:
@@ -261,13 +278,20 @@ class GossipRounds:
         traffic.bytes_received += self.server.bytes_received - received_before
         arrived = {view.index(n): m.epoch for n, m in messages.items()}
         row, missing, other_view = row_for_round(row, views.index, arrived, view.epoch)
+        late = [n for n in reachable if view.index(n) in missing and n not in traffic.behind]
+        probes = await asyncio.gather(*(self._probe(n) for n in late))
+        verdicts = {n: views.classify_late(status, iteration) for n, status in zip(late, probes, strict=True)}
         for node_id in reachable:
             j = view.index(node_id)
             if node_id in traffic.behind:
                 traffic.troubled = True
             elif j in missing:
                 traffic.troubled = True
-                views.record(node_id, PeerEvent.MISSED_DEADLINE, iteration, "no vector by the round deadline")
+                verdict = verdicts.get(node_id)
+                if verdict is PeerEvent.MISSED_DEADLINE:
+                    views.record(node_id, verdict, iteration, "late, but in step")
+                elif verdict is PeerEvent.OUT_OF_STEP:
+                    views.record(node_id, verdict, iteration, "no vector by the round deadline")
             elif j in other_view:
                 # Mixed under another view: left out of this round, but it is alive.
                 if (node_id, messages[node_id].epoch) not in views.mismatch_logged:

@@ -240,13 +240,11 @@ class PeerRegistry:
             self._add_alias(advertised, node_id)
             return True, ""
         self._remember(node_id, advertised, request.status)
-        attempts = self._attempts.get(advertised)
-        if attempts is not None:
-            attempts.dropped = False  # it is alive and says so: dial it again (still with backoff)
-        backing_off = attempts is not None and self._retry_at.get(advertised, 0.0) > time.monotonic()
         usable = client is not None and client.address == advertised and known is not None and known.alive
-        if not backing_off and not usable:
-            # Dial back now rather than at the next refresh: pushes need our own handshake with it.
+        if not usable:
+            # It is alive and says so: forget its failures and dial back now rather than at the next
+            # refresh (pushes need our own handshake with it; a healed peer must not wait out a backoff).
+            self._relisted(advertised)
             self.handshake(advertised)
         return True, ""
 
@@ -292,7 +290,11 @@ class PeerRegistry:
         # A live peer is probed on the channel pushes use; anything else gets a fresh channel, which
         # connects at once (a failed channel would wait out gRPC's own reconnect backoff).
         reuse = current is not None and current.address == address and self.records[owner].alive
-        client = current if reuse and current is not None else PeerClient(address)
+        try:
+            client = current if reuse and current is not None else PeerClient(address)
+        except ValueError as error:  # e.g. a peer that advertises no usable address
+            self._failed(address, f"not a dialable address: {error}")
+            return None
         try:
             response = await client.handshake(
                 self.identity, timeout=self.handshake_timeout, status=self.status()

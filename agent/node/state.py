@@ -14,7 +14,7 @@ from agent.core.algorithms import NodeState
 from agent.core.config import TrainConfig
 from agent.train.workload import GanProblem
 from agent.transport.client import PeerClient
-from agent.transport.codec import StateSnapshot
+from agent.transport.state import StateSnapshot
 
 STATE_POLL_SECONDS = 0.02
 

@@ -31,8 +31,11 @@ from agent.node.peers import PeerRegistry
 from agent.train.simulate import schedule_from
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 
-# Nobody waits for an out-of-step neighbour more than one round timeout in a row.
-MAX_MISSED_ROUNDS = 1
+# A neighbour in step but late (held up by a frozen node two hops away) is left out of at most this many
+# rounds in a row before it is marked down; an out-of-step one is marked down at its first deadline.
+MAX_MISSED_ROUNDS = 2
+# In-step check at a missed deadline: iterations a delayed neighbour may be from ours.
+IN_STEP_ITERATIONS = 2
 
 
 def position_from_status(node_id: str, status: pb.PeerStatus) -> PeerPosition:
@@ -140,6 +143,25 @@ class ViewController:
             if self.health[node_id].alive and self.restarted(node_id):
                 self.leave_out(node_id, iteration, "it restarted (new incarnation)")
         return [node_id for node_id in neighbours if self.health[node_id].alive]
+
+    def classify_late(self, status: pb.PeerStatus | None, iteration: int) -> PeerEvent | None:
+        """What a neighbour's missed deadline means, from a probe of it right after the deadline.
+
+        MISSED_DEADLINE: it trains in this very view within ``IN_STEP_ITERATIONS`` of ``iteration``, so
+        it is only held up (by a frozen node two hops away); None: it is in step but holds another view
+        for a moment (it learned of a departure later or earlier than we did; views agree again at the
+        next boundary), so it is left out of this round only; OUT_OF_STEP: anything else.
+        """
+        if (
+            status is None
+            or not status.training
+            or self.node_id not in status.members
+            or abs(int(status.iteration) - iteration) > IN_STEP_ITERATIONS
+        ):
+            return PeerEvent.OUT_OF_STEP
+        if tuple(sorted(status.members)) != self.view.node_ids:
+            return None
+        return PeerEvent.MISSED_DEADLINE
 
     # ---- out of step, isolation -------------------------------------------------------------------------
 
