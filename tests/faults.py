@@ -1060,21 +1060,28 @@ def scenario_all_neighbours_gone(root: Path, survivor: int = 0, observe_s: float
     last = max((s.iteration for s in series), default=0)
     isolated = next((e for e in events if e.get("event") == "isolated" and e["_t"] >= killed), None)
     isolated_after = None if isolated is None else isolated["_t"] - killed
+    # The default policy pauses once the isolation bound (2 x round-timeout) has passed.
+    paused = next((e for e in events if e.get("event") == "paused" and e["_t"] >= killed), None)
     after_isolated = (
-        last - max((s.iteration for s in series if s.t <= isolated["_t"] + 1.0), default=at_kill)
-        if isolated is not None
+        last - max((s.iteration for s in series if s.t <= paused["_t"] + 1.0), default=at_kill)
+        if paused is not None
         else None
     )
     solo = [s for s in series if s.t > killed and s.members <= 1]
     result.figures.update(
         iterations_after_kill=last - at_kill,
         isolated_logged_after_s=None if isolated_after is None else round(isolated_after, 2),
-        iterations_after_isolated=after_isolated, solo_iteration_events=len(solo), still_running=alive,
+        paused_after_s=None if paused is None else round(paused["_t"] - killed, 2),
+        iterations_after_paused=after_isolated, solo_iteration_events=len(solo), still_running=alive,
     )  # fmt: skip
     result.require(isolated is not None, f"no 'isolated' logged; trained {last - at_kill} iterations alone")
     result.require(
+        paused is not None and paused["_t"] - killed <= 3 * ROUND_TIMEOUT_S + 2.0,
+        "not paused within the isolation bound (2 x round-timeout) after its neighbours died",
+    )
+    result.require(
         after_isolated is not None and after_isolated <= 10,
-        f"kept training alone after isolation ({after_isolated} iterations)",
+        f"kept training alone after pausing ({after_isolated} iterations)",
     )
     result.common_checks(root, cluster.omissions(since=trained))
     return result

@@ -54,7 +54,7 @@ from agent.core.membership import (
 from agent.discovery import PeerTable, build_discovery
 from agent.files import write_atomic
 from agent.logs import get_logger
-from agent.node.gossip import GossipRounds, RoundSettings, Traffic
+from agent.node.gossip import GossipRounds, RoundSettings, Traffic, cancelled_by_us
 from agent.node.peers import CandidateSource, PeerRegistry
 from agent.node.state import fetch_at_boundary, restore_state, snapshot_of, state_from_snapshot
 from agent.node.stopping import StopCoordinator
@@ -80,6 +80,8 @@ FINAL_NAME = "final.safetensors"
 # graphs (one-peer exponential) drift apart by up to one period of the schedule (log2 n iterations):
 # 16 iterations' worth covers clusters of up to 2^16 nodes.
 AHEAD_ITERATIONS = 16
+# State transfers that may fail in a row before joining gives up.
+FETCH_ATTEMPTS = 5
 # Exit status of an agent that left because it was isolated (policy "exit").
 EXIT_ISOLATED = 3
 
@@ -287,7 +289,7 @@ class PeerAgent:
     def _relay(self) -> None:
         """Tell every known peer our status now (a stop proposal, a join), not at its next probe."""
         if self._relay_task is None or self._relay_task.done():
-            self._relay_task = asyncio.ensure_future(self.registry.refresh())
+            self._relay_task = asyncio.ensure_future(self.registry.broadcast())
 
     def request_stop(self) -> None:
         """SIGTERM/SIGINT: stop with the whole view at one boundary (before training: at once)."""
@@ -420,12 +422,13 @@ class PeerAgent:
         (a late joiner, a restarted node, or an out-of-step node resynchronising)."""
         assert self.config.iterations is not None
         lead = 2 * self.options.view_period
+        failures = 0
         while True:
             # Fresh statuses first: a probe answer up to --probe-interval old may lag the cluster by more
             # than the lead, and every member (not only the source) must hear of us before the boundary.
             self.training = False
             self.ready_from = None
-            await self.registry.refresh()
+            await self.registry.broadcast()
             status = self.registry.remote_status.get(source_id)
             client = self.registry.clients.get(source_id)
             if status is None or client is None:
@@ -439,7 +442,7 @@ class PeerAgent:
                 )
             self.ready_from = boundary
             self.inbox.expect(boundary, 0)
-            await self.registry.refresh()  # tell every member now, not at its next probe
+            await self.registry.broadcast()  # tell every member now, not at its next probe
             self.log.info(
                 "resynchronising" if resync else "joining running cluster",
                 at_iteration=boundary,
@@ -450,8 +453,22 @@ class PeerAgent:
                 snapshot: StateSnapshot = await self._until_stop(
                     fetch_at_boundary(client, boundary, self.options.round_timeout)
                 )
-            except (PeerUnavailable, PeerRpcError, WireError) as error:
-                raise AgentError(f"could not fetch state from {source_id}: {error}") from error
+            except asyncio.CancelledError:
+                if cancelled_by_us():
+                    raise
+                error_text = "the channel was replaced during the transfer (the member moved or restarted)"
+            # RuntimeError: the client lost its handshake (a refused re-probe) while fetching.
+            except (PeerUnavailable, PeerRpcError, WireError, RuntimeError) as error:
+                error_text = str(error)
+            else:
+                error_text = ""
+            if error_text:
+                failures += 1
+                if failures >= FETCH_ATTEMPTS:
+                    raise AgentError(f"could not fetch state from {source_id}: {error_text}")
+                self.log.warning("state transfer failed; trying again", source=source_id, error=error_text)
+                await asyncio.sleep(self.options.probe_interval)
+                continue
             if snapshot.iteration == boundary and await self._counted_by(source_id, boundary):
                 break
             # The member was past the boundary before it heard of us (it ran faster than our announcement
@@ -475,6 +492,10 @@ class PeerAgent:
             response = await client.handshake(
                 self.identity, timeout=self.options.round_timeout, status=self._status()
             )
+        except asyncio.CancelledError:
+            if cancelled_by_us():
+                raise
+            return False  # the channel was replaced under the call
         except Exception:  # refused or unreachable: not counted (the loop re-reads its status)
             return False
         status = response.status
@@ -607,7 +628,8 @@ class PeerAgent:
             resync = None
             await self.server.set_serving(False)
             self.log.warning(
-                "paused: isolated; probing until peers answer",
+                "paused",
+                reason="isolated: probing until peers answer",
                 iteration=self.iteration,
                 iterations_alone=self.iterations_alone,
             )

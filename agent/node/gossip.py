@@ -33,6 +33,15 @@ PUSH_RETRY_SECONDS = 0.01
 PROBE_SECONDS = 0.5
 
 
+def cancelled_by_us() -> bool:
+    """Inside ``except CancelledError``: True when this task itself is being cancelled (re-raise), False
+    when gRPC cancelled the call because the registry closed its channel (a peer moved or restarted)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
+
+
 @dataclass
 class Traffic:
     """What one iteration (or a run of solo iterations) cost and whom it mixed with."""
@@ -111,6 +120,10 @@ class GossipRounds:
         except (PeerRpcError, RuntimeError) as error:  # RuntimeError: the client lost its handshake
             self.log.debug("announce failed", neighbour=node_id, error=str(error))
             return True
+        except asyncio.CancelledError:
+            if cancelled_by_us():
+                raise
+            return True  # the channel was replaced under the call; the push finds out what happened
         if not ack.accepted:
             self.log.debug("announce refused", neighbour=node_id, reason=ack.reason)
         return True
@@ -188,9 +201,8 @@ class GossipRounds:
             self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, str(error))
             return
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # our own cancellation
+            if cancelled_by_us():
+                raise
             # The channel was closed under the call (the peer re-handshook from a new address).
             self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, "push cancelled by a channel change")
             return
@@ -229,6 +241,10 @@ class GossipRounds:
             response = await client.handshake(
                 self.registry.identity, timeout=timeout, status=self.registry.status()
             )
+        except asyncio.CancelledError:
+            if cancelled_by_us():
+                raise
+            return None  # the registry closed the channel under the call (the peer moved or restarted)
         except Exception:  # refused, unavailable, timed out: not in step, whatever the cause
             return None
         return response.status

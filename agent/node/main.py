@@ -208,6 +208,11 @@ async def _run_agent(agent) -> int:  # noqa: ANN001 - PeerAgent
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     summary = await agent.run()
+    # Everything is written: a stop that arrives now (an operator stopping nodes one by one) has nothing
+    # left to do and must not turn a clean exit into death by signal once the event loop is gone.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
     agent.log.info(
         "agent finished" if summary["finished"] else "agent stopped",
         iterations=summary["iterations"],

@@ -464,6 +464,12 @@ class PeerRegistry:
                 due.append(address)
         await asyncio.gather(*(self.handshake(a) for a in due), return_exceptions=True)
 
+    async def broadcast(self) -> None:
+        """Handshake every live peer now, whatever its probe schedule: tells them this node's status (a
+        join boundary, a stop proposal) and brings back theirs."""
+        addresses = sorted({self.records[n].address for n in self.alive()})
+        await asyncio.gather(*(self.handshake(a) for a in addresses), return_exceptions=True)
+
     async def maintain(self) -> None:
         while True:
             await self.refresh()
