@@ -19,7 +19,7 @@ import pytest
 from agent.discovery import SOURCE_DNS, SOURCE_MDNS, SOURCE_STATIC, Candidate
 from agent.node.peers import PeerRegistry, failure_reason
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
-from agent.transport.codec import PeerIdentity
+from agent.transport.identity import PeerIdentity
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -41,7 +41,11 @@ def agent_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen", default="0.0.0.0:5000", help="gRPC listen address host:port (port 0: any)"
     )
-    parser.add_argument("--advertise", help="host:port peers should dial (default: the listen address)")
+    parser.add_argument(
+        "--advertise",
+        help="host:port peers should dial; 'auto': the address of the interface holding the default route "
+        "(default: the listen address, or 'auto' when listening on 0.0.0.0)",
+    )
     parser.add_argument("--peers", default="", help="comma-separated host:port of the other agents")
     parser.add_argument("--node-id", help="stable unique node id (default: the advertised address)")
     parser.add_argument("--out", type=Path, help="output folder (default runs/agent-<node id> or runs/local)")
@@ -127,7 +131,7 @@ def _positive(value: float, what: str) -> None:
 
 
 def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOptions (imported lazily)
-    from agent.node.agent import AgentOptions
+    from agent.node.options import AgentOptions
 
     host, port = split_host_port(args.listen, "--listen")
     if port == 0 and args.advertise in (None, "", "auto"):
@@ -238,7 +242,8 @@ def agent_main(argv: Sequence[str]) -> int:
     keep_freed_memory()
     torch.set_num_threads(config.threads)
     from agent.checkpoint import CheckpointError
-    from agent.node.agent import AgentError, PeerAgent
+    from agent.node.agent import PeerAgent
+    from agent.node.options import AgentError
 
     log = get_logger(node=options.node_id)
     try:

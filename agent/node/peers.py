@@ -41,7 +41,7 @@ from agent.core.membership import PeerRecord
 from agent.discovery import SOURCE_STATIC, Candidate
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import HandshakeRefused, PeerClient, PeerRpcError, PeerUnavailable
-from agent.transport.codec import PeerIdentity, identity_mismatch
+from agent.transport.identity import PeerIdentity, identity_mismatch
 
 BACKOFF_INITIAL_S: Final = 0.25
 BACKOFF_CAP_S: Final = 30.0

@@ -181,7 +181,9 @@ class ViewController:
         )
         reachable = len(self.registry.alive())
         if before is None and self.isolation.since is not None:
-            self.log.warning("isolated", reachable=reachable, needed=needed, policy=policy.value, bound_s=bound)
+            self.log.warning(
+                "isolated", reachable=reachable, needed=needed, policy=policy.value, bound_s=bound
+            )
         elif before is not None and self.isolation.since is None:
             self.log.info("no longer isolated", reachable=reachable)
         return action

@@ -1,0 +1,237 @@
+"""How a node enters a cluster: wait for peers, then found a view or join a running cluster through a
+member's state at a boundary (``entry_plan`` in ``agent.core.membership`` decides which). The same path
+serves a fresh start, a resume (consistent checkpoints found together; a lagging one joins), a node that
+paused while isolated, and an out-of-step node resynchronising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.core.algorithms import initial_state, needs_initial_gradient
+from agent.core.membership import Found, Join, Membership, entry_plan, join_iteration, view_at_boundary
+from agent.node.gossip import cancelled_by_us
+from agent.node.options import AgentError, NothingToJoin, StopRequested
+from agent.node.state import fetch_at_boundary, restore_state, state_from_snapshot
+from agent.train.workload import node_generator
+from agent.transport.client import PeerRpcError, PeerUnavailable
+from agent.transport.frames import WireError
+from agent.transport.state import StateSnapshot
+
+if TYPE_CHECKING:
+    from agent.node.agent import PeerAgent
+
+# State transfers that may fail in a row before joining gives up.
+FETCH_ATTEMPTS = 5
+
+
+class ClusterEntry:
+    """Waiting for peers and entering (found / join / resync) on behalf of one ``PeerAgent``."""
+
+    def __init__(self, agent: PeerAgent) -> None:
+        self.agent = agent
+
+    def needed_peers(self) -> int:
+        if self.agent.options.min_peers is not None:
+            return self.agent.options.min_peers
+        static_only = not self.agent.options.mdns and not self.agent.options.dns_names
+        return len(self.agent.options.peers) if static_only else 1
+
+    def isolation_needed(self) -> int:
+        if self.agent.options.isolation_min_peers is not None:
+            return self.agent.options.isolation_min_peers
+        return 1 if self.needed_peers() > 0 else 0
+
+    async def until_stop(self, awaitable: Any) -> Any:
+        """Await ``awaitable`` unless a stop is requested first (then cancel it and raise StopRequested)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.agent.stop.requested.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise StopRequested
+        return task.result()
+
+    async def await_peers(self, needed: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self.agent.registry.alive()) < needed:
+            if deadline is not None and time.monotonic() > deadline:
+                refusals = "; ".join(f"{a}: {r}" for a, r in self.agent.registry.refusals.items())
+                raise AgentError(
+                    f"only {len(self.agent.registry.alive())} of {needed} peers answered within "
+                    f"{timeout:.0f} s" + (f" (refused: {refusals})" if refusals else "")
+                )
+            await self.until_stop(self.agent.registry.wait_for_change(0.5))
+
+    async def settle(self) -> None:
+        if self.agent.options.settle_seconds > 0:
+            # Founders that meet by discovery give late arrivals a moment so they start with one view.
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < self.agent.options.settle_seconds:
+                before = set(self.agent.registry.alive())
+                await self.until_stop(
+                    self.agent.registry.wait_for_change(self.agent.options.settle_seconds / 4)
+                )
+                if set(self.agent.registry.alive()) != before:
+                    quiet_since = time.monotonic()
+
+    async def enter(self, resync: str | None) -> None:
+        """Found a view or join the running cluster (``entry_plan``); ``resync`` names the peer an
+        out-of-step node re-enters through."""
+        waiting_logged = ""
+        while True:
+            if resync is not None:
+                await self._join(resync, resync=True)
+                return
+            plan = entry_plan(
+                self.agent.options.node_id,
+                self.agent.iteration,
+                self.agent.views.positions(),
+                self.agent.options.view_period,
+            )
+            if isinstance(plan, Found):
+                await self._found(plan)
+                return
+            if isinstance(plan, Join):
+                await self._join(plan.source, resync=self.agent.state is not None)
+                return
+            if plan.reason != waiting_logged:
+                waiting_logged = plan.reason
+                self.agent.log.info("waiting to enter", reason=plan.reason)
+            await self.until_stop(self.agent.registry.wait_for_change(0.5))
+
+    async def _found(self, plan: Found) -> None:
+        """Start training at ``plan.iteration`` with ``plan.members``, keeping local state (a fresh
+        start, a consistent resume, or nodes that paused re-founding together)."""
+        start = plan.iteration
+        peers = [m for m in plan.members if m != self.agent.options.node_id]
+        self.agent.registry.mark_founders(peers, start)
+        view = Membership.of(plan.members)
+        self.agent.views.forget_left_out()
+        if self.agent.state is None:
+            self.agent.stream = node_generator(self.agent.config.seed, view.index(self.agent.options.node_id))
+            self.agent.install_view(view, start)
+            if self.agent.resume_checkpoint is not None:
+                path, checkpoint = self.agent.resume_checkpoint
+                self.agent.state = restore_state(
+                    self.agent.problem, self.agent.config, path, checkpoint, self.agent.device
+                )
+                if checkpoint.rng_state is not None:
+                    self.agent.stream.set_state(checkpoint.rng_state)
+                self.agent.log.info("resumed from checkpoint", path=str(path), iteration=checkpoint.iteration)
+            else:
+                assert self.agent.operator is not None
+                needs_gradient = needs_initial_gradient(self.agent.algorithm)
+                initial = (
+                    await self.agent.in_compute(self.agent.operator, self.agent.problem.x0)
+                    if needs_gradient
+                    else None
+                )
+                self.agent.state = initial_state(self.agent.algorithm, self.agent.problem.x0, initial)
+        else:
+            self.agent.install_view(view, start)
+        self.agent.iteration = start
+        self.agent.ready_from = start
+        self.agent.boundary_state = (start, self.agent.state)  # type: ignore[assignment]
+        self.agent.inbox.expect(start, 0)
+
+    async def _join(self, source_id: str, *, resync: bool) -> None:
+        """Enter a running cluster at a future boundary with a member's parameters and optimizer state
+        (a late joiner, a restarted node, or an out-of-step node resynchronising)."""
+        assert self.agent.config.iterations is not None
+        lead = 2 * self.agent.options.view_period
+        failures = 0
+        while True:
+            # Fresh statuses first: a probe answer up to --probe-interval old may lag the cluster by more
+            # than the lead, and every member (not only the source) must hear of us before the boundary.
+            self.agent.training = False
+            self.agent.ready_from = None
+            await self.agent.registry.broadcast()
+            status = self.agent.registry.remote_status.get(source_id)
+            client = self.agent.registry.clients.get(source_id)
+            if status is None or client is None:
+                raise AgentError(f"could not reach {source_id} to join the running cluster")
+            furthest = max(
+                [status.iteration, *(p.iteration for p in self.agent.views.positions() if p.training)]
+            )
+            boundary = join_iteration(furthest, self.agent.options.view_period, lead)
+            if boundary >= self.agent.config.iterations:
+                raise NothingToJoin(
+                    f"the running cluster is at iteration {status.iteration} and finishes at "
+                    f"{self.agent.config.iterations}, before the next join boundary {boundary}: "
+                    "nothing to join"
+                )
+            self.agent.ready_from = boundary
+            self.agent.inbox.expect(boundary, 0)
+            await self.agent.registry.broadcast()  # tell every member now, not at its next probe
+            self.agent.log.info(
+                "resynchronising" if resync else "joining running cluster",
+                at_iteration=boundary,
+                state_from=source_id,
+                from_iteration=self.agent.iteration,
+            )
+            try:
+                snapshot: StateSnapshot = await self.until_stop(
+                    fetch_at_boundary(client, boundary, self.agent.options.round_timeout)
+                )
+            except asyncio.CancelledError:
+                if cancelled_by_us():
+                    raise
+                error_text = "the channel was replaced during the transfer (the member moved or restarted)"
+            # RuntimeError: the client lost its handshake (a refused re-probe) while fetching.
+            except (PeerUnavailable, PeerRpcError, WireError, RuntimeError) as error:
+                error_text = str(error)
+            else:
+                error_text = ""
+            if error_text:
+                failures += 1
+                if failures >= FETCH_ATTEMPTS:
+                    raise AgentError(f"could not fetch state from {source_id}: {error_text}")
+                self.agent.log.warning(
+                    "state transfer failed; trying again", source=source_id, error=error_text
+                )
+                await asyncio.sleep(self.agent.options.probe_interval)
+                continue
+            if snapshot.iteration == boundary and await self._counted_by(source_id, boundary):
+                break
+            # The member was past the boundary before it heard of us (it ran faster than our announcement
+            # travelled): its view there does not count us. Declare a later boundary, with more lead.
+            self.agent.log.info(
+                "members did not count this node at the boundary; joining later", boundary=boundary
+            )
+            lead *= 2
+        self.agent.state = state_from_snapshot(snapshot, self.agent.device)
+        self.agent.views.forget_left_out()
+        view = view_at_boundary(self.agent.options.node_id, self.agent.registry.usable_records(), boundary)
+        self.agent.stream = node_generator(self.agent.config.seed, view.index(self.agent.options.node_id))
+        self.agent.install_view(view, boundary)
+        self.agent.iteration = boundary
+        self.agent.log.info(
+            "fetched state", iteration=boundary, source=source_id, members=list(view.node_ids)
+        )
+
+    async def _counted_by(self, source_id: str, boundary: int) -> bool:
+        """Whether ``source_id``, now at ``boundary`` or later, holds a view that counts this node."""
+        client = self.agent.registry.clients.get(source_id)
+        if client is None:
+            return False
+        try:
+            response = await client.handshake(
+                self.agent.identity, timeout=self.agent.options.round_timeout, status=self.agent.status()
+            )
+        except asyncio.CancelledError:
+            if cancelled_by_us():
+                raise
+            return False  # the channel was replaced under the call
+        except Exception:  # refused or unreachable: not counted (the loop re-reads its status)
+            return False
+        status = response.status
+        return status.iteration < boundary or self.agent.options.node_id in status.members

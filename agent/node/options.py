@@ -1,0 +1,66 @@
+"""Node-local settings of the networked agent, its errors and the outcome of a training session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.core.membership import IsolationPolicy
+from agent.transport.options import DEFAULT_CHUNK_BYTES
+
+# Exit status of an agent that left because it was isolated (policy "exit").
+EXIT_ISOLATED = 3
+
+
+class StopRequested(Exception):
+    """A stop signal arrived while the node was waiting."""
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start or continue (unreachable peers, refused handshake, bad checkpoint)."""
+
+
+class NothingToJoin(AgentError):
+    """The running cluster finishes before the next boundary at which this node could enter."""
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """Node-local settings of the networked agent (the cluster-wide ones are in TrainConfig)."""
+
+    node_id: str
+    listen_host: str
+    listen_port: int
+    advertise: str
+    peers: tuple[str, ...]
+    out: Path
+    resume: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 50
+    round_timeout: float = 10.0
+    startup_timeout: float = 60.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    min_peers: int | None = None  # None: every static peer (or 1 with discovery)
+    settle_seconds: float = 0.0  # founders wait this long without new peers before starting
+    view_period: int = 10
+    probe_interval: float = 1.0
+    mdns: bool = False
+    dns_names: tuple[str, ...] = ()
+    dns_interval: float = 5.0
+    interfaces: tuple[str, ...] | None = None
+    # Paced pushes (agent/transport/positions.py): "auto" paces on time-varying graphs, where partners
+    # change every round and drift apart; "on" and "off" force it.
+    pace: str = "auto"
+    # Isolation (docs/membership.md): reaching fewer than isolation_min_peers live peers for longer than
+    # isolation_timeout seconds (None: 2 x round_timeout) -> the policy, applied at a boundary.
+    isolation: str = IsolationPolicy.PAUSE.value
+    isolation_min_peers: int | None = None  # None: 1 when the run has peers at all, else 0
+    isolation_timeout: float | None = None
+    # While a stop is being agreed a silent member is waited for this long before it is left out.
+    stop_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # finished | stopped | paused | resync | isolated
+    source: str = ""  # resync: the peer to re-enter through

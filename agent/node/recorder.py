@@ -1,0 +1,117 @@
+"""What a run leaves behind: progress lines, periodic checkpoints, evaluations (metrics.jsonl) and the
+summary (summary.json)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.files import write_atomic
+from agent.node.gossip import Traffic
+from agent.node.options import EXIT_ISOLATED, Outcome
+from agent.train.evaluate import Evaluator
+
+if TYPE_CHECKING:
+    from agent.node.agent import PeerAgent
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+FINAL_NAME = "final.safetensors"
+
+
+class RunRecorder:
+    """Progress lines, periodic checkpoints, evaluations (metrics.jsonl) and the summary of one run."""
+
+    def __init__(self, agent: PeerAgent) -> None:
+        self.agent = agent
+        config = agent.config
+        assert config.iterations is not None and config.eval_every is not None
+        self.evaluator = Evaluator(agent.dataset, config.eval_samples, config.seed)
+        self.metrics_path = agent.options.out / "metrics.jsonl"
+        if not (agent.options.resume and self.metrics_path.exists()):
+            self.metrics_path.write_text("")
+        self.started = time.perf_counter()
+        self.totals = Traffic()
+        self.record: dict[str, Any] = {}
+
+    async def after(self, traffic: Traffic) -> None:
+        agent, config, options = self.agent, self.agent.config, self.agent.options
+        assert config.iterations is not None and config.eval_every is not None
+        totals = self.totals
+        totals.compute_seconds += traffic.compute_seconds
+        totals.communication_seconds += traffic.communication_seconds
+        totals.bytes_sent += traffic.bytes_sent
+        totals.bytes_received += traffic.bytes_received
+        k = agent.iteration
+        assert agent.operator is not None and agent.state is not None
+        if k % options.log_every == 0 or k == config.iterations:
+            agent.log.info(
+                "iteration",
+                iteration=k,
+                **agent.operator.losses(),
+                # per iteration (a node alone runs several iterations per Traffic record)
+                compute_s=round(traffic.compute_seconds / traffic.iterations, 5),
+                communication_s=round(traffic.communication_seconds / traffic.iterations, 5),
+                bytes_sent=traffic.bytes_sent,
+                bytes_received=traffic.bytes_received,
+                neighbours=sorted(traffic.participants),
+                members=agent.views.view.size,
+                iterations_alone=agent.iterations_alone,
+            )
+        if k % options.checkpoint_every == 0:
+            await agent.in_compute(agent.checkpoint, CHECKPOINT_NAME)
+        if k % config.eval_every == 0 or k == config.iterations:
+            self.record = {
+                "iteration": k,
+                "node": options.node_id,
+                "wall_seconds": round(time.perf_counter() - self.started, 3),
+                "quality": await agent.in_compute(self.evaluator.evaluate, agent.problem, agent.state.x),
+                "members": agent.views.view.size,
+                "iterations_alone": agent.iterations_alone,
+                **agent.operator.losses(),
+            }
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(self.record) + "\n")
+
+    async def finish(self, outcome: Outcome) -> dict[str, Any]:
+        agent, config = self.agent, self.agent.config
+        assert config.iterations is not None
+        out = agent.options.out
+        finished = agent.iteration >= config.iterations
+        if agent.state is not None:
+            await agent.in_compute(agent.checkpoint, CHECKPOINT_NAME)
+            if finished:
+                await agent.in_compute(agent.checkpoint, FINAL_NAME)
+                self.evaluator.save_samples(agent.problem, agent.state.x, out / "samples-final.png")
+        totals = self.totals
+        summary = {
+            "mode": "agent",
+            "node": agent.options.node_id,
+            "index": agent.views.index,
+            "members": list(agent.views.view.node_ids),
+            "iterations": agent.iteration,
+            "finished": finished,
+            "outcome": "finished" if finished else outcome.kind,
+            "stop_at": agent.stop.stop_at,
+            "iterations_alone": agent.iterations_alone,
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
+            "compute_seconds": round(totals.compute_seconds, 3),
+            "communication_seconds": round(totals.communication_seconds, 3),
+            "bytes_sent": totals.bytes_sent,
+            "bytes_received": totals.bytes_received,
+            "paced_pushes": agent.gossip.paced(),
+            # How neighbours' pushes met this node's inbox: with paced pushes none arrive ahead.
+            "pushes_received": {o.value: count for o, count in agent.inbox.outcome_counts.items()},
+            "final": self.record,
+            "parameters": agent.problem.layout.numel,
+            "schema_hash": agent.identity.schema_hash,
+            "config_hash": agent.identity.config_hash,
+            "config": config.to_dict(),
+        }
+        if outcome.kind == "isolated":
+            summary["exit_code"] = EXIT_ISOLATED
+            agent.log.error(
+                "isolated for too long; exiting (--isolation exit)", iterations_alone=agent.iterations_alone
+            )
+        write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
