@@ -127,3 +127,30 @@ def test_late_joiner_fetches_state_and_is_integrated(tmp_path: Path) -> None:
     # Once in, the joiner mixes with its neighbours: its late iterations name them as participants.
     late = [e for e in events_named(joiner_dir / "agent.log", "iteration") if e["iteration"] > 500]
     assert late and all(e["neighbours"] for e in late)
+
+
+def test_resume_from_checkpoints_at_different_iterations_reconciles(tmp_path: Path) -> None:
+    """A node whose checkpoint is older (copied back from an earlier stop) catches up with the node that
+    went further, by fetching its state, instead of timing out; both finish."""
+    base = ["--dataset", "ring8", "--eval-samples", "200", "--log-every", "10", "--round-timeout", "3"]
+    processes, _ = start_agents(tmp_path, 2, [*base, "--iterations", "30", "--eval-every", "30"])
+    assert wait_all(processes, timeout=90) == [0, 0]
+    older = (tmp_path / "node-0" / "checkpoint.safetensors").read_bytes()
+    processes, _ = start_agents(tmp_path, 2, [*base, "--iterations", "40", "--eval-every", "40", "--resume"])
+    assert wait_all(processes, timeout=90) == [0, 0]
+    (tmp_path / "node-0" / "checkpoint.safetensors").write_bytes(older)  # node-0 at 30, node-1 at 40
+    assert [load_checkpoint(tmp_path / f"node-{i}" / "checkpoint.safetensors").iteration for i in (0, 1)] == [
+        30,
+        40,
+    ]
+    processes, _ = start_agents(
+        tmp_path, 2, [*base, "--iterations", "400", "--eval-every", "400", "--resume"]
+    )
+    assert wait_all(processes, timeout=90) == [0, 0]
+    caught_up = events_named(tmp_path / "node-0" / "agent.log", "catching up with founders")
+    assert caught_up and caught_up[-1]["at_iteration"] == 40
+    for i in (0, 1):
+        assert load_checkpoint(tmp_path / f"node-{i}" / "final.safetensors").iteration == 400
+    # From the catch-up on, both trained in one view: node-0 mixed with node-1 in its last progress line.
+    last = [e for e in log_events(tmp_path / "node-0" / "agent.log") if e.get("event") == "iteration"][-1]
+    assert last["neighbours"] == ["node-1"] and last["iterations_alone"] == 0

@@ -121,7 +121,10 @@ def test_entry_plans_found_join_or_wait() -> None:
     assert entry_plan("a", 300, idle, 10) == Found(("a", "b", "c"), 300)  # consistent resume
     behind = [PeerPosition("b", False, iteration=310), PeerPosition("c", False, iteration=300)]
     assert isinstance(entry_plan("a", 300, behind, 10), Wait)  # a lagging checkpoint waits, then joins
-    assert entry_plan("b", 310, [PeerPosition("a", False, 300)], 10) == Found(("b",), 310)
+    # The furthest founds with everyone it reaches; the lagging node catches up at the founders' start.
+    assert entry_plan("b", 310, [PeerPosition("a", False, 300)], 10) == Found(("a", "b"), 310)
+    founded = [_training("b", 312, ("a", "b"), ready_from=310)]
+    assert entry_plan("a", 300, founded, 10) == Join("b", at=310)
     running = [_training("b", 2940, ("a", "b"), ready_from=0)]
     assert entry_plan("a", 0, running, 10) == Join("b")  # restarted with the same id: never found
     early = [_training("b", 3, ("a", "b"), ready_from=0)]

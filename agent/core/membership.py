@@ -246,9 +246,12 @@ class Found:
 
 @dataclass(frozen=True)
 class Join:
-    """Enter the running (or about to run) cluster through ``source`` as a late joiner does."""
+    """Enter the running (or about to run) cluster through ``source`` as a late joiner does; ``at``: the
+    boundary its founders already count this node at (a lagging checkpoint catching up), else None (the
+    joiner declares a boundary ahead of the cluster)."""
 
     source: str
+    at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -263,26 +266,31 @@ def entry_plan(
 ) -> Found | Join | Wait:
     """How a node that is not training (starting, resuming, or paused) enters, given the live peers.
 
-    - A peer that trains in a view counting this node at this node's own iteration (a founder that
-      started a moment earlier): found with that view.
-    - Training peers otherwise: join through the most advanced one, if its view outranks nothing else.
-    - No training peer: the nodes at the highest iteration found together, keeping their state, so a
-      consistent set of checkpoints resumes exactly; a node behind them waits until they train and
-      then joins (it fetches their state instead of timing out).
+    - A peer that just founded (it is less than a view period past its ready-from iteration R) a view
+      counting this node: at R == this node's iteration, found with that view; at R ahead of it (this
+      node's checkpoint is older), join at R, fetching the founder's state there.
+    - Other training peers: join through the most advanced one of the largest view.
+    - No training peer: the nodes at the highest iteration found with every live peer, keeping their
+      state, so a consistent set of checkpoints resumes exactly; a node behind them waits until they
+      train, then catches up by fetching their state at their starting iteration (instead of timing out).
     """
     training = [p for p in peers if p.training and p.members]
     for peer in training:
-        same_start = peer.ready_from == own_iteration and peer.iteration < own_iteration + period
-        if self_id in peer.members and same_start:
+        if self_id not in peer.members or peer.ready_from is None:
+            continue
+        if peer.iteration >= peer.ready_from + period:
+            continue
+        if peer.ready_from == own_iteration:
             return Found(tuple(sorted(peer.members)), own_iteration)
+        if peer.ready_from > own_iteration:
+            return Join(peer.node_id, at=peer.ready_from)
     if training:
         return Join(max(training, key=lambda p: (len(p.members), p.iteration)).node_id)
     highest = max([own_iteration, *(p.iteration for p in peers)])
     if own_iteration < highest:
         ahead = sorted(p.node_id for p in peers if p.iteration == highest)
         return Wait(f"peers {ahead} are at iteration {highest}, this node at {own_iteration}; joining them")
-    together = [self_id, *(p.node_id for p in peers if p.iteration == own_iteration)]
-    return Found(tuple(sorted(together)), own_iteration)
+    return Found(tuple(sorted([self_id, *(p.node_id for p in peers)])), own_iteration)
 
 
 # ---- isolation ----------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class ClusterEntry:
                 await self._found(plan)
                 return
             if isinstance(plan, Join):
-                await self._join(plan.source, resync=self.agent.state is not None)
+                await self._join(plan.source, resync=self.agent.state is not None, at=plan.at)
                 return
             if plan.reason != waiting_logged:
                 waiting_logged = plan.reason
@@ -143,12 +143,40 @@ class ClusterEntry:
         self.agent.boundary_state = (start, self.agent.state)  # type: ignore[assignment]
         self.agent.inbox.expect(start, 0)
 
-    async def _join(self, source_id: str, *, resync: bool) -> None:
+    async def _join(self, source_id: str, *, resync: bool, at: int | None = None) -> None:
         """Enter a running cluster at a future boundary with a member's parameters and optimizer state
-        (a late joiner, a restarted node, or an out-of-step node resynchronising)."""
+        (a late joiner, a restarted node, or an out-of-step node resynchronising). ``at``: the boundary
+        the founders already count this node at (a lagging checkpoint catching up on resume)."""
         assert self.agent.config.iterations is not None
         lead = 2 * self.agent.options.view_period
         failures = 0
+        while at is not None:
+            # Catching up: the founders started at ``at`` counting this node; their state there is served
+            # at once. If they moved on before we fetched, fall back to joining ahead of them.
+            self.agent.ready_from = at
+            self.agent.inbox.expect(at, 0)
+            await self.agent.registry.broadcast()
+            client = self.agent.registry.clients.get(source_id)
+            if client is None:
+                break
+            self.agent.log.info(
+                "catching up with founders",
+                at_iteration=at,
+                state_from=source_id,
+                from_iteration=self.agent.iteration,
+            )
+            try:
+                snapshot = await self.until_stop(client.fetch_state(timeout=self.agent.options.round_timeout))
+            except asyncio.CancelledError:
+                if cancelled_by_us():
+                    raise
+                break
+            except (PeerUnavailable, PeerRpcError, WireError, RuntimeError):
+                break
+            if snapshot.iteration == at:
+                self._enter_at(snapshot, at, source_id)
+                return
+            break
         while True:
             # Fresh statuses first: a probe answer up to --probe-interval old may lag the cluster by more
             # than the lead, and every member (not only the source) must hear of us before the boundary.
@@ -208,6 +236,9 @@ class ClusterEntry:
                 "members did not count this node at the boundary; joining later", boundary=boundary
             )
             lead *= 2
+        self._enter_at(snapshot, boundary, source_id)
+
+    def _enter_at(self, snapshot: StateSnapshot, boundary: int, source_id: str) -> None:
         self.agent.state = state_from_snapshot(snapshot, self.agent.device)
         self.agent.views.forget_left_out()
         view = view_at_boundary(self.agent.options.node_id, self.agent.registry.usable_records(), boundary)
