@@ -583,7 +583,7 @@ def scenario_restart(root: Path, resume: bool, victim: int = 2, down_s: float = 
         killed = time.time()
         cluster.kill(victim)
         time.sleep(down_s)
-        cluster.spawn(victim, ["--resume"] if resume else [])
+        cluster.spawn(victim, ["--resume"] if resume else ["--overwrite"])
         restarted = cluster.nodes[victim].starts[-1]
         observe = 15.0
         time.sleep(observe)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from agent.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from agent.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint, save_series
 from agent.core.algorithms import (
     AlgorithmName,
     NodeState,
@@ -410,20 +410,57 @@ class PeerAgent:
             await self.shutdown()
 
     def _load_resume_checkpoint(self) -> None:
+        """Prepare --out: clear temporary files of interrupted writes, clear a replaced run's results
+        (--overwrite), and for --resume end at once when the run is finished (RunFinished) or load the
+        newest checkpoint that verifies, warning about every newer one that did not."""
+        from agent.files import clear_run_files, remove_stale_temporaries
+        from agent.node.recorder import RunFinished, finished_iteration
+
+        out = self.options.out
+        stale = remove_stale_temporaries(out)
+        if stale:
+            self.log.info("removed temporary files of interrupted writes", files=[p.name for p in stale])
+        if self.options.overwrite and not self.options.resume:
+            removed = clear_run_files(out)
+            if removed:
+                self.log.warning(
+                    "--overwrite: removed the previous run's results", files=[p.name for p in removed]
+                )
         if not self.options.resume:
             return
-        path = self.options.out / CHECKPOINT_NAME
-        if not path.exists():
-            self.log.info("no checkpoint to resume from; starting fresh", path=str(path))
+        assert self.config.iterations is not None
+        done = finished_iteration(out, self.config.iterations)
+        if done is not None:
+            self.log.info("run already finished; keeping its results", iteration=done, out=str(out))
+            raise RunFinished(done)
+        latest = load_latest(out)
+        if latest is None:
+            self.log.info("no checkpoint to resume from; starting fresh", path=str(out / CHECKPOINT_NAME))
             return
-        checkpoint = load_checkpoint(path)
-        self.resume_checkpoint = (path, checkpoint)
-        self.iteration = checkpoint.iteration  # peers see where we are: a differing set reconciles
+        for path, why in latest.rejected:
+            self.log.warning("checkpoint refused; falling back to an older one", path=str(path), error=why)
+        if latest.checkpoint.unverified:
+            self.log.warning(
+                "checkpoint has no checksum (written by an older version); accepted unverified",
+                path=str(latest.path),
+            )
+        if latest.checkpoint.schema_hash == self.problem.layout.schema_hash():  # else restore_state refuses
+            try:
+                self.problem.layout.flatten(latest.checkpoint.parameters)
+            except ValueError as error:
+                raise CheckpointError(f"checkpoint {latest.path} does not fit this model: {error}") from error
+        self.resume_checkpoint = (latest.path, latest.checkpoint)
+        self.iteration = latest.checkpoint.iteration  # peers see where we are: a differing set reconciles
 
     def checkpoint(self, name: str) -> None:
+        """Write ``name`` in --out; the periodic/stop checkpoint (CHECKPOINT_NAME) goes to the series that
+        keeps the last --keep-checkpoints copies."""
         assert self.state is not None
         checkpoint = node_checkpoint(self.problem, self.state, self.stream, self.iteration, self.config)
-        save_checkpoint(self.options.out / name, checkpoint)
+        if name == CHECKPOINT_NAME:
+            save_series(self.options.out, checkpoint, keep=self.options.keep_checkpoints)
+        else:
+            save_checkpoint(self.options.out / name, checkpoint)
 
     async def shutdown(self) -> None:
         with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ from agent.node.gossip import cancelled_by_us
 from agent.node.options import AgentError, NothingToJoin, StopRequested
 from agent.node.state import fetch_at_boundary, restore_state, state_from_snapshot
 from agent.train.workload import node_generator
+from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
 from agent.transport.frames import WireError
 from agent.transport.state import StateSnapshot
@@ -187,6 +188,9 @@ class ClusterEntry:
             client = self.agent.registry.clients.get(source_id)
             if status is None or client is None:
                 raise AgentError(f"could not reach {source_id} to join the running cluster")
+            # Every member of the view we enter must hear our boundary before it gets there, including
+            # peers our registry still backs off from (they were unreachable a moment ago: a healed cut).
+            await self.agent.registry.reach([m for m in status.members if m != self.agent.options.node_id])
             furthest = max(
                 [status.iteration, *(p.iteration for p in self.agent.views.positions() if p.training)]
             )
@@ -228,7 +232,10 @@ class ClusterEntry:
                 )
                 await asyncio.sleep(self.agent.options.probe_interval)
                 continue
-            if snapshot.iteration == boundary and await self._counted_by(source_id, boundary):
+            view = (
+                await self._view_counting_us(source_id, boundary) if snapshot.iteration == boundary else None
+            )
+            if view is not None:
                 break
             # The member was past the boundary before it heard of us (it ran faster than our announcement
             # travelled): its view there does not count us. Declare a later boundary, with more lead.
@@ -236,12 +243,19 @@ class ClusterEntry:
                 "members did not count this node at the boundary; joining later", boundary=boundary
             )
             lead *= 2
-        self._enter_at(snapshot, boundary, source_id)
+        self._enter_at(snapshot, boundary, source_id, view)
 
-    def _enter_at(self, snapshot: StateSnapshot, boundary: int, source_id: str) -> None:
+    def _enter_at(
+        self, snapshot: StateSnapshot, boundary: int, source_id: str, view: Membership | None = None
+    ) -> None:
+        """Take the fetched state and enter at ``boundary`` with the source's view there (it counts this
+        node), or, without one, the view this node's own peer records give."""
         self.agent.state = state_from_snapshot(snapshot, self.agent.device)
         self.agent.views.forget_left_out()
-        view = view_at_boundary(self.agent.options.node_id, self.agent.registry.usable_records(), boundary)
+        if view is None:
+            view = view_at_boundary(
+                self.agent.options.node_id, self.agent.registry.usable_records(), boundary
+            )
         self.agent.stream = node_generator(self.agent.config.seed, view.index(self.agent.options.node_id))
         self.agent.install_view(view, boundary)
         self.agent.iteration = boundary
@@ -249,11 +263,11 @@ class ClusterEntry:
             "fetched state", iteration=boundary, source=source_id, members=list(view.node_ids)
         )
 
-    async def _counted_by(self, source_id: str, boundary: int) -> bool:
-        """Whether ``source_id``, now at ``boundary`` or later, holds a view that counts this node."""
-        client = self.agent.registry.clients.get(source_id)
+    async def _probe(self, node_id: str) -> pb.PeerStatus | None:
+        """A peer's status now (a handshake that also tells it ours), or None if it does not answer."""
+        client = self.agent.registry.clients.get(node_id)
         if client is None:
-            return False
+            return None
         try:
             response = await client.handshake(
                 self.agent.identity, timeout=self.agent.options.round_timeout, status=self.agent.status()
@@ -261,8 +275,24 @@ class ClusterEntry:
         except asyncio.CancelledError:
             if cancelled_by_us():
                 raise
-            return False  # the channel was replaced under the call
-        except Exception:  # refused or unreachable: not counted (the loop re-reads its status)
-            return False
-        status = response.status
-        return status.iteration < boundary or self.agent.options.node_id in status.members
+            return None  # the channel was replaced under the call
+        except Exception:  # refused or unreachable
+            return None
+        return response.status
+
+    async def _view_counting_us(self, source_id: str, boundary: int) -> Membership | None:
+        """The view the source holds at ``boundary`` if it and every member of it count this node there
+        (a member still before the boundary has just been told our ready-from iteration by this very
+        probe); None otherwise."""
+        me = self.agent.options.node_id
+        status = await self._probe(source_id)
+        if status is None or me not in status.members:
+            return None
+        others = [m for m in status.members if m not in (me, source_id)]
+        await self.agent.registry.reach(others)
+        for member_status in await asyncio.gather(*(self._probe(m) for m in others)):
+            if member_status is None:
+                return None
+            if member_status.iteration >= boundary and me not in member_status.members:
+                return None
+        return Membership.of(status.members)

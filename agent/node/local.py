@@ -22,17 +22,49 @@ from typing import IO, Any
 
 import yaml
 
-from agent.checkpoint import load_checkpoint
+from agent.checkpoint import CheckpointError, load_checkpoint
 from agent.core.config import TrainConfig
-from agent.files import write_atomic
+from agent.files import (
+    check_run_folder,
+    clear_run_files,
+    previous_run_files,
+    remove_stale_temporaries,
+    write_atomic,
+)
 
+# Per-node agent flags the launcher honours: it passes them to every agent it starts.
 FORWARDED_FLAGS = (
+    "--resume",
+    "--overwrite",
+    "--keep-checkpoints",
     "--checkpoint-every",
     "--log-every",
     "--round-timeout",
     "--startup-timeout",
     "--chunk-bytes",
+    "--min-peers",
+    "--settle",
+    "--view-period",
+    "--probe-interval",
+    "--isolation",
+    "--isolation-min-peers",
+    "--isolation-timeout",
+    "--stop-grace",
+    "--pace",
 )
+_LOOPBACK = "the launcher gives each agent a free loopback port and lists the others as its --peers"
+# Flags that place one agent on a network: the launcher decides them for its agents, so they are refused.
+REFUSED_FLAGS = {
+    "--listen": _LOOPBACK,
+    "--advertise": _LOOPBACK,
+    "--peers": _LOOPBACK,
+    "--interface": _LOOPBACK,
+    "--discovery": "the agents know each other from static --peers (no mDNS)",
+    "--dns-name": "the agents know each other from static --peers (no DNS)",
+    "--dns-interval": "the agents know each other from static --peers (no DNS)",
+    "--node-id": "the agents are named node-0 ... node-<N-1>",
+    "--log-format": "the launcher reads its agents' JSON logs (kept in <out>/node-<i>/agent.log)",
+}
 
 
 def free_ports(count: int) -> list[int]:
@@ -48,14 +80,73 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _forwarded(argv: Sequence[str]) -> list[str]:
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def agent_flags(argv: Sequence[str], count: int) -> list[str]:
+    """The flags of ``dpgan-agent --local N ...`` every agent gets; ValueError for one it cannot honour.
+
+    Read from the parsed command line (so abbreviations and ``--flag=value`` count), compared with the
+    parser's defaults: a flag left at its default is not passed on."""
+    from agent.configfile import read_yaml
+    from agent.node.main import agent_parser
+
+    parser = agent_parser()
+    args = parser.parse_args(list(argv))
+    for flag, reason in REFUSED_FLAGS.items():
+        if getattr(args, _dest(flag)) != parser.get_default(_dest(flag)):
+            raise ValueError(f"--local: {flag} cannot be used ({reason}); drop it or run the agents yourself")
+    nodes = getattr(args, "nodes", None)
+    if nodes is None and args.config is not None:
+        nodes = read_yaml(args.config).get("nodes")
+    if nodes is not None and nodes != count:
+        raise ValueError(f"--local {count} sets the number of nodes, but nodes is {nodes}; give one of them")
     forwarded: list[str] = []
-    items = list(argv)
-    for position, item in enumerate(items):
-        name = item.split("=", 1)[0]
-        if name in FORWARDED_FLAGS:
-            forwarded += [item] if "=" in item else [item, items[position + 1]]
+    for flag in FORWARDED_FLAGS:
+        value = getattr(args, _dest(flag))
+        if value == parser.get_default(_dest(flag)):
+            continue
+        forwarded += [flag] if value is True else [f"{flag}={value}"]
     return forwarded
+
+
+def agent_command(
+    i: int, addresses: list[str], node_dir: Path, config_path: Path, flags: Sequence[str]
+) -> list[str]:
+    """The command line of agent ``i`` of a --local cluster."""
+    address = addresses[i]
+    return [
+        sys.executable, "-m", "agent.cli",
+        "--listen", address, "--advertise", address, "--node-id", f"node-{i}",
+        "--peers", ",".join(a for j, a in enumerate(addresses) if j != i),
+        "--out", str(node_dir), "--config", str(config_path), "--log-format", "json",
+        *flags,
+    ]  # fmt: skip
+
+
+def check_cluster_folder(out: Path, argv: Sequence[str]) -> None:
+    """Refuse (ValueError) a fresh cluster over a previous run's results in ``out`` or its node folders
+    unless --resume or --overwrite says what to do with them."""
+    from agent.node.main import agent_parser
+
+    args = agent_parser().parse_args(list(argv))
+    holds = previous_run_files(out)
+    if out.is_dir():
+        for node_dir in sorted(d for d in out.glob("node-*") if d.is_dir()):
+            holds += previous_run_files(node_dir)
+    check_run_folder(out, resume=args.resume, overwrite=args.overwrite, holds=holds)
+
+
+def _finished(out: Path, count: int, iterations: int | None) -> int | None:
+    """The iteration a finished cluster run in ``out`` reached (every node's final model at the goal and
+    the cluster summary written), else None."""
+    from agent.node.recorder import finished_iteration
+
+    if iterations is None or not (out / "summary.json").is_file():
+        return None
+    reached = [finished_iteration(out / f"node-{i}", iterations) for i in range(count)]
+    return None if None in reached else min(r for r in reached if r is not None)
 
 
 class Progress:
@@ -83,8 +174,8 @@ class Progress:
                 print(line, file=sys.stderr, flush=True)
 
 
-def _pump(stream: IO[str], log_path: Path, node_id: str, progress: Progress) -> None:
-    with log_path.open("w") as log:
+def _pump(stream: IO[str], log_path: Path, node_id: str, progress: Progress, append: bool) -> None:
+    with log_path.open("a" if append else "w") as log:  # a resumed run keeps the earlier log
         for line in stream:
             log.write(line)
             log.flush()
@@ -110,7 +201,10 @@ def _average_model_report(config: TrainConfig, out: Path, node_dirs: list[Path])
         config.dataset, path=config.data_path, image_size=config.image_size, seed=config.seed
     )
     problem = GanProblem.build(config, dataset.spec, resolve_device("cpu"))
-    vectors = [problem.layout.flatten(load_checkpoint(path).parameters) for path in finals]
+    try:
+        vectors = [problem.layout.flatten(load_checkpoint(path).parameters) for path in finals]
+    except CheckpointError as error:
+        return {"error": str(error)}
     average = sum(vectors[1:], vectors[0].clone()) / len(vectors)
     evaluator = Evaluator(dataset, config.eval_samples, config.seed)
     evaluator.save_samples(problem, average, out / "samples-final.png")
@@ -123,7 +217,20 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
         raise ValueError(f"--local: need at least 1 node, got {count}")
     if count > 64:
         raise ValueError(f"--local: {count} processes is more than one machine should run; use at most 64")
+    flags = agent_flags(argv, count)
+    check_cluster_folder(out, argv)
+    done = _finished(out, count, config.iterations) if "--resume" in flags else None
+    if done is not None:
+        print(
+            f"[dpgan --local] the run in {out} is finished ({done} iterations); its results are kept "
+            f"({out / 'summary.json'}); give a larger --iterations to train on",
+            file=sys.stderr,
+        )
+        return 0
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    if "--overwrite" in flags:
+        clear_run_files(out)  # the agents clear their own folders
     cluster_config = config.to_dict() | {"nodes": count}
     config_path = out / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(cluster_config, sort_keys=True))
@@ -137,31 +244,42 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
     print(
         f"[dpgan --local] starting {count} agents on {', '.join(addresses)}; output in {out}", file=sys.stderr
     )
-    for i, (address, node_id) in enumerate(zip(addresses, node_ids, strict=True)):
-        node_dir = out / node_id
-        node_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "agent.cli",
-            "--listen", address, "--advertise", address, "--node-id", node_id,
-            "--peers", ",".join(a for j, a in enumerate(addresses) if j != i),
-            "--out", str(node_dir), "--config", str(config_path), "--log-format", "json",
-            *_forwarded(argv),
-        ]  # fmt: skip
-        child = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        children.append(child)
-        assert child.stderr is not None
-        pump = threading.Thread(target=_pump, args=(child.stderr, node_dir / "agent.log", node_id, progress))
-        pump.start()
-        pumps.append(pump)
 
     def forward(signum: int, _frame: object) -> None:
+        # SIGHUP (the terminal went away) stops the agents like SIGTERM; a second signal is forwarded
+        # too, so a second Ctrl-C still means "exit at once".
+        forwarded = signal.SIGTERM if signum == signal.SIGHUP else signum
         for child in children:
             if child.poll() is None:
-                child.send_signal(signum)
+                child.send_signal(forwarded)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Installed before the first agent starts: the agents run in their own sessions, so a Ctrl-C reaches
+    # them only through this handler.
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        for i, node_id in enumerate(node_ids):
+            node_dir = out / node_id
+            node_dir.mkdir(parents=True, exist_ok=True)
+            command = agent_command(i, addresses, node_dir, config_path, flags)
+            # Each agent in its own session: a Ctrl-C in the terminal reaches only the launcher, which
+            # forwards it once (an agent takes a second signal as "exit at once, without a checkpoint").
+            child = subprocess.Popen(
+                command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True
+            )
+            children.append(child)
+            assert child.stderr is not None
+            pump = threading.Thread(
+                target=_pump,
+                args=(child.stderr, node_dir / "agent.log", node_id, progress, "--resume" in flags),
+            )
+            pump.start()
+            pumps.append(pump)
         codes = [child.wait() for child in children]
+    except BaseException:
+        for child in children:  # they are in their own sessions: nothing else would stop them
+            if child.poll() is None:
+                child.kill()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -121,6 +121,20 @@ def agent_parser() -> argparse.ArgumentParser:
         help="interface name or IPv4 address to advertise and to run mDNS on (multi-homed hosts)",
     )
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an --out that holds a previous run's results, deleting them "
+        "(without it, or --resume, such a folder is refused)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        metavar="K",
+        help="numbered checkpoints kept besides checkpoint.safetensors, the fallbacks when the newest "
+        "is damaged",
+    )
     add_config_flags(parser)
     return parser
 
@@ -168,6 +182,13 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
     mdns = args.discovery == "mdns" or (args.discovery is None and not peers and not dns_names)
     _positive(args.dns_interval, "--dns-interval")
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in node_id)
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints: must be at least 1, got {args.keep_checkpoints}")
+    from agent.files import check_run_folder
+
+    check_run_folder(
+        args.out or Path("runs") / f"agent-{safe_id}", resume=args.resume, overwrite=args.overwrite
+    )
     return AgentOptions(
         node_id=node_id,
         listen_host=host,
@@ -194,6 +215,8 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         isolation_min_peers=args.isolation_min_peers,
         isolation_timeout=args.isolation_timeout,
         stop_grace=args.stop_grace,
+        keep_checkpoints=args.keep_checkpoints,
+        overwrite=args.overwrite,
     )
 
 

@@ -58,6 +58,10 @@ class AgentOptions:
     isolation_timeout: float | None = None
     # While a stop is being agreed a silent member is waited for this long before it is left out.
     stop_grace: float = 10.0
+    # Run folder (docs/deploy.md, "Run folders and checkpoints"): numbered checkpoints kept besides
+    # checkpoint.safetensors, and whether a previous run's results in --out may be replaced.
+    keep_checkpoints: int = 3
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)

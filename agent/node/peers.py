@@ -464,6 +464,14 @@ class PeerRegistry:
                 due.append(address)
         await asyncio.gather(*(self.handshake(a) for a in due), return_exceptions=True)
 
+    async def reach(self, node_ids: Sequence[str]) -> None:
+        """Handshake now, whatever their backoff, the known peers among ``node_ids`` that are not alive
+        (a joiner must reach every member of the view it enters before it declares its boundary)."""
+        addresses = sorted(
+            {self.records[n].address for n in node_ids if n in self.records and not self._alive(n)}
+        )
+        await asyncio.gather(*(self.handshake(a) for a in addresses), return_exceptions=True)
+
     async def broadcast(self) -> None:
         """Handshake every live peer now, whatever its probe schedule: tells them this node's status (a
         join boundary, a stop proposal) and brings back theirs."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from agent.files import write_atomic
 from agent.node.gossip import Traffic
 from agent.node.options import EXIT_ISOLATED, Outcome
@@ -15,8 +17,30 @@ from agent.train.evaluate import Evaluator
 if TYPE_CHECKING:
     from agent.node.agent import PeerAgent
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
+__all__ = ["CHECKPOINT_NAME", "FINAL_NAME", "RunFinished", "RunRecorder", "finished_iteration"]
+
 FINAL_NAME = "final.safetensors"
+
+
+class RunFinished(SystemExit):
+    """``--resume`` on a run that already reached its ``--iterations``: nothing to do, and its results
+    (summary.json, metrics.jsonl, final.safetensors, samples) stay as they are. Raised before the agent
+    contacts any peer; as a SystemExit with status 0 it ends the process, after ``PeerAgent.run``'s
+    ``finally`` has shut the server and discovery down."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(0)
+        self.iteration = iteration
+
+
+def finished_iteration(out: Path, iterations: int) -> int | None:
+    """The iteration of ``out/final.safetensors`` when it verifies and reached ``iterations`` (the run in
+    ``out`` is finished), else None (no final model, a damaged one, or the goal grew: train on)."""
+    try:
+        final = load_checkpoint(out / FINAL_NAME)
+    except CheckpointError:
+        return None
+    return final.iteration if final.iteration >= iterations else None
 
 
 class RunRecorder:
