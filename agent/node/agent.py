@@ -44,12 +44,13 @@ from agent.core.membership import (
     is_boundary,
 )
 from agent.discovery import PeerTable, build_discovery
+from agent.files import clear_run_files, remove_stale_temporaries
 from agent.logs import get_logger
 from agent.node.entry import ClusterEntry
 from agent.node.gossip import GossipRounds, RoundSettings, Traffic
 from agent.node.options import AgentError, AgentOptions, NothingToJoin, Outcome, StopRequested
 from agent.node.peers import CandidateSource, PeerRegistry
-from agent.node.recorder import CHECKPOINT_NAME, RunRecorder
+from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_iteration, finished_summary
 from agent.node.state import snapshot_of
 from agent.node.stopping import StopCoordinator
 from agent.node.views import ViewController
@@ -398,7 +399,9 @@ class PeerAgent:
         if isinstance(self.source, PeerTable):
             await self.source.start()
         try:
-            self._load_resume_checkpoint()
+            finished = self._load_resume_checkpoint()
+            if finished is not None:
+                return finished_summary(self.options.out, finished)
             self.registry.start()
             await self.entry.await_peers(self.entry.needed_peers(), self.options.startup_timeout)
             await self.entry.settle()
@@ -409,13 +412,11 @@ class PeerAgent:
         finally:
             await self.shutdown()
 
-    def _load_resume_checkpoint(self) -> None:
+    def _load_resume_checkpoint(self) -> int | None:
         """Prepare --out: clear temporary files of interrupted writes, clear a replaced run's results
-        (--overwrite), and for --resume end at once when the run is finished (RunFinished) or load the
-        newest checkpoint that verifies, warning about every newer one that did not."""
-        from agent.files import clear_run_files, remove_stale_temporaries
-        from agent.node.recorder import RunFinished, finished_iteration
-
+        (--overwrite), and for --resume load the newest checkpoint that verifies, warning about every newer
+        one that did not. Returns the final iteration when --resume finds the run finished (its results
+        stay as they are), else None."""
         out = self.options.out
         stale = remove_stale_temporaries(out)
         if stale:
@@ -427,16 +428,16 @@ class PeerAgent:
                     "--overwrite: removed the previous run's results", files=[p.name for p in removed]
                 )
         if not self.options.resume:
-            return
+            return None
         assert self.config.iterations is not None
         done = finished_iteration(out, self.config.iterations)
         if done is not None:
             self.log.info("run already finished; keeping its results", iteration=done, out=str(out))
-            raise RunFinished(done)
+            return done
         latest = load_latest(out)
         if latest is None:
             self.log.info("no checkpoint to resume from; starting fresh", path=str(out / CHECKPOINT_NAME))
-            return
+            return None
         for path, why in latest.rejected:
             self.log.warning("checkpoint refused; falling back to an older one", path=str(path), error=why)
         if latest.checkpoint.unverified:
@@ -451,6 +452,7 @@ class PeerAgent:
                 raise CheckpointError(f"checkpoint {latest.path} does not fit this model: {error}") from error
         self.resume_checkpoint = (latest.path, latest.checkpoint)
         self.iteration = latest.checkpoint.iteration  # peers see where we are: a differing set reconciles
+        return None
 
     def checkpoint(self, name: str) -> None:
         """Write ``name`` in --out; the periodic/stop checkpoint (CHECKPOINT_NAME) goes to the series that

@@ -17,20 +17,20 @@ from agent.train.evaluate import Evaluator
 if TYPE_CHECKING:
     from agent.node.agent import PeerAgent
 
-__all__ = ["CHECKPOINT_NAME", "FINAL_NAME", "RunFinished", "RunRecorder", "finished_iteration"]
+__all__ = ["CHECKPOINT_NAME", "FINAL_NAME", "RunRecorder", "finished_iteration", "finished_summary"]
 
 FINAL_NAME = "final.safetensors"
 
 
-class RunFinished(SystemExit):
-    """``--resume`` on a run that already reached its ``--iterations``: nothing to do, and its results
-    (summary.json, metrics.jsonl, final.safetensors, samples) stay as they are. Raised before the agent
-    contacts any peer; as a SystemExit with status 0 it ends the process, after ``PeerAgent.run``'s
-    ``finally`` has shut the server and discovery down."""
-
-    def __init__(self, iteration: int) -> None:
-        super().__init__(0)
-        self.iteration = iteration
+def finished_summary(out: Path, iteration: int) -> dict[str, Any]:
+    """What a finished run left in ``out/summary.json`` (untouched), for the agent's closing log line."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    return summary | {"finished": True, "iterations": iteration, "final": summary.get("final") or {}}
 
 
 def finished_iteration(out: Path, iterations: int) -> int | None:
