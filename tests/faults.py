@@ -682,6 +682,16 @@ def scenario_staggered_stop(
     if None in iterations:
         result.failures.append("resume skipped: a checkpoint is missing")
         return result
+    # Before resuming (which rewrites checkpoint.safetensors): where the stop left the nodes, against the
+    # uninterrupted run at that iteration (the simulator). While a stop is agreed nobody is left out, so
+    # even with a node frozen through the stop the stopped state is the uninterrupted one.
+    stopped_diff = (
+        max_difference(
+            [n.out / "checkpoint.safetensors" for n in cluster.nodes], simulate(root, iterations[0])
+        )
+        if same
+        else None
+    )
     # Resume every node to one goal; compare with the uninterrupted run.
     goal = max(iterations) + extra_iterations
     resumed = Cluster(root / "resumed", [*CLUSTER_FLAGS, *AGENT_FLAGS, *iteration_flags(goal), "--resume"])
@@ -692,15 +702,6 @@ def scenario_staggered_stop(
         if None in resume_codes:
             result.notes.append("--resume did not finish within 60 s: stopped")
             resume_codes = resumed.stop()
-    # Where the stop left the nodes, against the uninterrupted run at that iteration: a node frozen (or a
-    # neighbour left out) before the stop changes the trajectory legitimately; --resume cannot undo that.
-    stopped_diff = (
-        max_difference(
-            [n.out / "checkpoint.safetensors" for n in cluster.nodes], simulate(root, iterations[0])
-        )
-        if same
-        else None
-    )
     worst = max_difference([n.out / "final.safetensors" for n in cluster.nodes], simulate(root, goal))
     finals = [load_checkpoint(n.out / "final.safetensors").iteration for n in cluster.nodes
               if (n.out / "final.safetensors").exists()]  # fmt: skip
@@ -711,16 +712,14 @@ def scenario_staggered_stop(
     result.require(
         resume_codes == [0] * NODES and len(finals) == NODES, f"--resume exit codes {resume_codes}"
     )
-    if stopped_diff is not None and stopped_diff > BIT_FOR_BIT_TOLERANCE:
-        result.notes.append(
-            f"stop checkpoints already differ from the uninterrupted run by {stopped_diff:.3g} (rounds left "
-            "out before the stop); the resume is not held to bit-for-bit"
-        )
-    else:
-        result.require(
-            worst <= BIT_FOR_BIT_TOLERANCE,
-            f"--resume differs from the uninterrupted run by {worst:.3g} (finals at {finals})",
-        )
+    result.require(
+        stopped_diff is not None and stopped_diff <= BIT_FOR_BIT_TOLERANCE,
+        f"stop checkpoints differ from the uninterrupted run by {stopped_diff}",
+    )
+    result.require(
+        worst <= BIT_FOR_BIT_TOLERANCE,
+        f"--resume differs from the uninterrupted run by {worst:.3g} (finals at {finals})",
+    )
     result.common_checks(root, None)
     result.failures = list(dict.fromkeys(result.failures))
     return result

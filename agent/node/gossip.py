@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 
 from agent.core.config import TrainConfig
@@ -28,6 +29,10 @@ from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer
 
 PUSH_RETRY_SECONDS = 0.01
+# Granularity of the round deadline (see GossipRounds._collect).
+WAIT_SLICE_SECONDS = 0.1
+# A call that took this much longer than its timeout means this process was frozen meanwhile.
+FROZEN_SLACK_SECONDS = 1.0
 # How long a neighbour that missed a deadline has to answer a status probe (a live agent's event loop
 # answers in milliseconds; a frozen or cut-off one never does).
 PROBE_SECONDS = 0.5
@@ -171,44 +176,74 @@ class GossipRounds:
         traffic: Traffic,
         announcement: asyncio.Future[bool] | None = None,
     ) -> None:
-        deadline = time.monotonic() + self.deadline_seconds()
+        started = time.monotonic()
+        deadline = started + self.deadline_seconds()
         if announcement is not None and not await self._paced_wait(
             node_id, (iteration, round_), announcement, deadline
         ):
             return
-        client = self.registry.clients.get(node_id)
-        if client is None:
-            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, "no connection")
-            return
-        sent_before = client.bytes_sent
-        try:
-            while True:
-                ack = await client.push_vector(
-                    wire,
-                    iteration=iteration,
-                    round=round_,
-                    epoch=self.views.view.epoch,
-                    chunk_bytes=self.settings.chunk_bytes,
-                    timeout=max(0.1, deadline - time.monotonic()),
-                )
+        ack: pb.PushAck | None = None
+        thawed = False
+        attempts = 0
+        while ack is None:
+            attempts += 1
+            client = self.registry.clients.get(node_id)
+            timeout = max(0.1, deadline - time.monotonic())
+            call_started = time.monotonic()
+            try:
+                if client is None:
+                    raise PeerUnavailable(f"no connection to {node_id}")
+                sent_before = client.bytes_sent
+                try:
+                    ack = await client.push_vector(
+                        wire,
+                        iteration=iteration,
+                        round=round_,
+                        epoch=self.views.view.epoch,
+                        chunk_bytes=self.settings.chunk_bytes,
+                        timeout=timeout,
+                    )
+                finally:
+                    traffic.bytes_sent += client.bytes_sent - sent_before
                 # A neighbour still finishing an earlier round refuses us as too far ahead; it will get
                 # there (partners of time-varying graphs drift apart by up to a period), so try again.
-                if ack.status != pb.PUSH_STATUS_TOO_FAR_AHEAD or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(PUSH_RETRY_SECONDS)
-        except (PeerUnavailable, PeerRpcError, RuntimeError) as error:
-            # RuntimeError: the client's handshake was reset under us (the peer restarted or moved).
-            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, str(error))
-            return
-        except asyncio.CancelledError:
-            if cancelled_by_us():
-                raise
-            # The channel was closed under the call (the peer re-handshook from a new address).
-            self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, "push cancelled by a channel change")
-            return
-        finally:
-            traffic.bytes_sent += client.bytes_sent - sent_before
-        if ack.status == pb.PUSH_STATUS_STALE:
+                if ack.status == pb.PUSH_STATUS_TOO_FAR_AHEAD and time.monotonic() <= deadline:
+                    ack = None
+                    await asyncio.sleep(PUSH_RETRY_SECONDS)
+                continue
+            except asyncio.CancelledError:
+                if cancelled_by_us():
+                    raise
+                reason = "push cancelled by a channel change"  # the registry replaced the channel
+            # RuntimeError: the client lost its handshake; UsageError: its channel was closed meanwhile.
+            except (PeerUnavailable, PeerRpcError, RuntimeError, grpc.aio.UsageError) as error:
+                reason = str(error) or type(error).__name__
+                if isinstance(error, PeerRpcError):
+                    self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
+                    return
+                if (
+                    isinstance(error, PeerUnavailable)
+                    and error.timed_out
+                    and not thawed
+                    and time.monotonic() - call_started > timeout + FROZEN_SLACK_SECONDS
+                ):
+                    # This process itself was frozen during the call (it took far longer than its
+                    # timeout): the neighbour is not to blame; give it one whole deadline again.
+                    thawed = True
+                    started = time.monotonic()
+            # While a stop is being agreed the deadline grows (stop grace): a neighbour that failed may be
+            # frozen (probes time out and the registry replaces its channel) and thaw in time to stop at
+            # the same boundary, so push again rather than leave it out (the stopped state would then
+            # differ from an uninterrupted run). Without a stop pending, the deadline is one round timeout.
+            deadline = started + self.deadline_seconds()
+            retry = self.settings.round_timeout < self.deadline_seconds() or thawed
+            if not retry or self.stop_event.is_set() or time.monotonic() >= deadline:
+                self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
+                return
+            await asyncio.sleep(PUSH_RETRY_SECONDS * 10)
+        # STALE means the neighbour moved past this position: we are behind it. Not after a retry, though:
+        # an earlier attempt whose answer was lost (this process froze mid-call) may have been delivered.
+        if ack.status == pb.PUSH_STATUS_STALE and attempts == 1:
             traffic.behind.add(node_id)
         if not ack.accepted:
             self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
@@ -217,19 +252,29 @@ class GossipRounds:
         self, iteration: int, round_: int, wanted: list[str]
     ) -> dict[str, InboxMessage] | None:
         """The neighbours' vectors for the round, waiting up to the deadline; None when the agreed stop
-        was reached meanwhile (the round is abandoned, the state before this iteration is kept)."""
-        waiting = asyncio.ensure_future(
-            self.inbox.wait_for_messages(iteration, round_, wanted, timeout=self.deadline_seconds())
-        )
-        stop = asyncio.ensure_future(self.stop_event.wait())
-        try:
-            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not waiting.done():
-            waiting.cancel()
-            return None
-        return waiting.result()
+        was reached meanwhile (the round is abandoned, the state before this iteration is kept).
+
+        The deadline counts time this process ran, in slices: a slice that took much longer than asked
+        (this process was frozen: SIGSTOP, a paused VM) counts as one slice, so a node that thaws gives its
+        neighbours a whole deadline instead of timing them out at once. The deadline is re-read every
+        slice, so one that grows (a stop being agreed) applies to a wait already in progress.
+        """
+        loop = asyncio.get_running_loop()
+        pending = set(wanted)
+        arrived: dict[str, InboxMessage] = {}
+        waited = 0.0
+        while True:
+            if self.stop_event.is_set():
+                return None
+            remaining = self.deadline_seconds() - waited
+            if not pending or remaining <= 0:
+                return arrived
+            step = min(WAIT_SLICE_SECONDS, remaining)
+            began = loop.time()
+            got = await self.inbox.wait_for_messages(iteration, round_, pending, timeout=step)
+            waited += min(loop.time() - began, step)
+            arrived |= got
+            pending -= got.keys()
 
     async def _probe(self, node_id: str) -> pb.PeerStatus | None:
         """A neighbour's status right now (a handshake), or None if it does not answer promptly."""

@@ -41,7 +41,12 @@ _UNAVAILABLE_CODES: Final = frozenset(
 
 
 class PeerUnavailable(ConnectionError):
-    """The peer could not be reached, dropped the connection, or did not answer before the deadline."""
+    """The peer could not be reached, dropped the connection, or did not answer before the deadline
+    (``timed_out``: the last case, where a frozen peer may still answer later)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class HandshakeRefused(Exception):
@@ -304,5 +309,5 @@ class PeerClient:
         code = error.code()
         message = f"{operation} to {self._address} failed: {code.name}: {error.details()}"
         if code in _UNAVAILABLE_CODES:
-            return PeerUnavailable(message)
+            return PeerUnavailable(message, timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED)
         return PeerRpcError(message, code)
