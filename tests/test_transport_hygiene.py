@@ -342,7 +342,11 @@ def test_stalled_push_flood_keeps_memory_bounded() -> None:
             # Measured ~49 MiB: 16 admitted 1 MiB buffers plus gRPC's own buffering of the refused
             # streams' first megabyte; the churn adds nothing (buffers are recycled). Without the caps
             # and the stall limit, 100 stalled pushes would hold 100 MiB of buffers alone.
-            assert growth < 64 * MIB, growth
+            # The flood's peak is bounded by the caps (16 admitted buffers) plus what gRPC buffers of the
+            # refused streams (29-72 MiB measured on 2 cores); 100 more stalled streams through the caps
+            # add nothing: memory does not grow with the number of stalled streams.
+            assert flood_peak < 96 * MIB, flood_peak
+            assert growth - flood_peak < 16 * MIB, (growth, flood_peak)
             for pusher in pushers:
                 await pusher.close()
 
