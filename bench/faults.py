@@ -190,9 +190,10 @@ Done when (issue 9): recovery ≤ {faults.RECOVERY_BOUND_S:.0f} s after a 6 s fr
 after ≥ {faults.SPEED_FRACTION:.0%} of before, spread ≤ {faults.SPREAD_FACTOR:.0f}× undisturbed; a restarted
 node mixes within {faults.REJOIN_BOUND_S:.0f} s of its start; staggered stops leave one checkpoint iteration
 and `--resume` equals the uninterrupted run (≤ {faults.BIT_FOR_BIT_TOLERANCE:g}); a stalled stream is dropped
-within {faults.STALL_DROP_BOUND_S:.0f} s, and {faults.WAVES} waves of stalled streams add ≤ {faults.PINNED_BOUND_KIB // 1024} MiB
-of RSS in all and the second wave ≤ {faults.WAVE_GROWTH_BOUND_KIB // 1024} MiB to the first; no "Traceback" in any agent.log; every round that leaves a neighbour out is explained by a log
-line naming it.
+within {faults.STALL_DROP_BOUND_S:.0f} s, and {faults.WAVES} waves of stalled streams add
+≤ {faults.PINNED_BOUND_KIB // 1024} MiB of RSS in all, the second ≤ {faults.WAVE_GROWTH_BOUND_KIB // 1024} MiB
+to the first; no "Traceback" in any agent.log; every round that leaves a neighbour out is explained by a
+log line naming it.
 
 ## How each figure is measured
 - **recovery**: from the heal (SIGCONT, link up) to the first "iteration" event after which every node's
@@ -206,7 +207,9 @@ line naming it.
   same for an undisturbed run (the simulator, which 4 undisturbed agents reproduce bit for bit). A run that
   has not finished 40 s after the observation window is stopped with SIGTERM and the stop checkpoints
   are compared instead ("models=checkpoint at stop").
-- **memory pinned**: agent VmRSS after two waves of stalled streams (each held 8 s) minus VmRSS before (glibc keeps freed memory for reuse, so RSS does not fall back; what matters is that the second wave adds nothing).
+- **memory pinned**: agent VmRSS after two waves of stalled streams (each held 8 s) minus VmRSS before
+  (glibc keeps freed memory for reuse, so RSS does not fall back; what matters is that the second wave
+  adds nothing).
 
 ## Trials
 {chr(10).join(details + skipped_lines)}
