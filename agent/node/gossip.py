@@ -45,8 +45,6 @@ def cancelled_by_us() -> bool:
     return current is not None and current.cancelling() > 0
 
 
-
-
 @dataclass
 class Traffic:
     """What one iteration (or a run of solo iterations) cost and whom it mixed with."""
