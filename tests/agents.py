@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,3 +78,28 @@ def wait_for_event(path: Path, predicate, timeout: float) -> dict | None:
 
 def events_named(path: Path, name: str) -> list[dict]:
     return [event for event in log_events(path) if event.get("event") == name]
+
+
+class CountingListener:
+    """A TCP server that accepts and at once closes every connection ("not a dpgan server"), counting."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.accepted: list[float] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted.append(time.time())
+            connection.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        self.socket.close()

@@ -41,6 +41,7 @@ import torch
 
 from agent.checkpoint import load_checkpoint
 from agent.node.local import free_ports
+from tests.agents import CountingListener
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -973,31 +974,6 @@ def scenario_stalled_streams(root: Path, streams: int = 150, hold_s: float = 8.0
 
 
 # ---- scenario: candidates with nothing behind them ---------------------------------------------------
-
-
-class CountingListener:
-    """A TCP server that accepts and at once closes every connection ("not a dpgan server"), counting."""
-
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
-        self.port = self.socket.getsockname()[1]
-        self.accepted: list[float] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.socket.accept()
-            except OSError:
-                return
-            self.accepted.append(time.time())
-            connection.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_RDWR)
-        self.socket.close()
 
 
 def scenario_dead_candidates(root: Path, observe_s: float = 30.0) -> Result:

@@ -20,6 +20,7 @@ from agent.discovery import SOURCE_DNS, SOURCE_MDNS, SOURCE_STATIC, Candidate
 from agent.node.peers import PeerRegistry, failure_reason
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.identity import PeerIdentity
+from tests.agents import CountingListener
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -339,33 +340,6 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-class AcceptAndClose:
-    """A plain TCP server that accepts and closes at once, counting connections."""
-
-    def __init__(self) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.listen(64)
-        self.port = self.socket.getsockname()[1]
-        self.accepts = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.socket.accept()
-            except OSError:
-                return
-            self.accepts += 1
-            connection.close()
-
-    def close(self) -> None:
-        self.socket.shutdown(socket.SHUT_RDWR)
-        self.socket.close()
-        self.thread.join(5)
-
-
 class CountingHttp(http.server.ThreadingHTTPServer):
     connections = 0
 
@@ -381,7 +355,7 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def never_answering() -> Iterator[dict[str, Any]]:
-    tcp = AcceptAndClose()
+    tcp = CountingListener()
     web = CountingHttp(("127.0.0.1", 0), QuietHandler)
     CountingHttp.connections = 0
     thread = threading.Thread(target=web.serve_forever, daemon=True)
@@ -420,7 +394,8 @@ def test_candidates_that_never_answer_back_off_and_are_named_once(never_answerin
     log, peers, addresses = outcome["log"], outcome["peers"], outcome["addresses"]
     tries = {kind: peers._attempts[address].failures for kind, address in addresses.items()}
     # 0.25 s doubling with jitter: about 6 tries in 8 s (the loop used to try 4 times a second: ~32).
-    assert tcp.accepts <= 10 and CountingHttp.connections <= 10, (tcp.accepts, CountingHttp.connections)
+    accepts = len(tcp.accepted)
+    assert accepts <= 10 and CountingHttp.connections <= 10, (accepts, CountingHttp.connections)
     assert all(4 <= count <= 9 for count in tries.values()), tries
     expected = {
         "closed": "connection refused",

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent.core.algorithms import initial_state, needs_initial_gradient
 from agent.core.membership import Found, Join, Membership, entry_plan, join_iteration, view_at_boundary
-from agent.node.gossip import cancelled_by_us
 from agent.node.options import AgentError, NothingToJoin, StopRequested
+from agent.node.peers import cancelled_by_us
 from agent.node.state import fetch_at_boundary, restore_state, state_from_snapshot
 from agent.train.workload import node_generator
-from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
 from agent.transport.frames import WireError
 from agent.transport.state import StateSnapshot
@@ -263,34 +262,19 @@ class ClusterEntry:
             "fetched state", iteration=boundary, source=source_id, members=list(view.node_ids)
         )
 
-    async def _probe(self, node_id: str) -> pb.PeerStatus | None:
-        """A peer's status now (a handshake that also tells it ours), or None if it does not answer."""
-        client = self.agent.registry.clients.get(node_id)
-        if client is None:
-            return None
-        try:
-            response = await client.handshake(
-                self.agent.identity, timeout=self.agent.options.round_timeout, status=self.agent.status()
-            )
-        except asyncio.CancelledError:
-            if cancelled_by_us():
-                raise
-            return None  # the channel was replaced under the call
-        except Exception:  # refused or unreachable
-            return None
-        return response.status
-
     async def _view_counting_us(self, source_id: str, boundary: int) -> Membership | None:
         """The view the source holds at ``boundary`` if it and every member of it count this node there
         (a member still before the boundary has just been told our ready-from iteration by this very
         probe); None otherwise."""
         me = self.agent.options.node_id
-        status = await self._probe(source_id)
+        timeout = self.agent.options.round_timeout
+        status = await self.agent.registry.probe_status(source_id, timeout)
         if status is None or me not in status.members:
             return None
         others = [m for m in status.members if m not in (me, source_id)]
         await self.agent.registry.reach(others)
-        for member_status in await asyncio.gather(*(self._probe(m) for m in others)):
+        probes = [self.agent.registry.probe_status(m, timeout) for m in others]
+        for member_status in await asyncio.gather(*probes):
             if member_status is None:
                 return None
             if member_status.iteration >= boundary and me not in member_status.members:

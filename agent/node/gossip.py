@@ -19,7 +19,7 @@ import torch
 from agent.core.config import TrainConfig
 from agent.core.membership import PeerEvent
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
-from agent.node.peers import PeerRegistry
+from agent.node.peers import PeerRegistry, cancelled_by_us
 from agent.node.views import ViewController
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
@@ -36,13 +36,6 @@ FROZEN_SLACK_SECONDS = 1.0
 # How long a neighbour that missed a deadline has to answer a status probe (a live agent's event loop
 # answers in milliseconds; a frozen or cut-off one never does).
 PROBE_SECONDS = 0.5
-
-
-def cancelled_by_us() -> bool:
-    """Inside ``except CancelledError``: True when this task itself is being cancelled (re-raise), False
-    when gRPC cancelled the call because the registry closed its channel (a peer moved or restarted)."""
-    current = asyncio.current_task()
-    return current is not None and current.cancelling() > 0
 
 
 @dataclass
@@ -274,24 +267,6 @@ class GossipRounds:
             arrived |= got
             pending -= got.keys()
 
-    async def _probe(self, node_id: str) -> pb.PeerStatus | None:
-        """A neighbour's status right now (a handshake), or None if it does not answer promptly."""
-        client = self.registry.clients.get(node_id)
-        if client is None:
-            return None
-        timeout = min(PROBE_SECONDS, self.settings.round_timeout / 2)
-        try:
-            response = await client.handshake(
-                self.registry.identity, timeout=timeout, status=self.registry.status()
-            )
-        except asyncio.CancelledError:
-            if cancelled_by_us():
-                raise
-            return None  # the registry closed the channel under the call (the peer moved or restarted)
-        except Exception:  # refused, unavailable, timed out: not in step, whatever the cause
-            return None
-        return response.status
-
     async def round(
         self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
     ) -> torch.Tensor | None:
@@ -338,7 +313,8 @@ class GossipRounds:
         arrived = {view.index(n): m.epoch for n, m in messages.items()}
         row, missing, other_view = row_for_round(row, views.index, arrived, view.epoch)
         late = [n for n in reachable if view.index(n) in missing and n not in traffic.behind]
-        probes = await asyncio.gather(*(self._probe(n) for n in late))
+        timeout = min(PROBE_SECONDS, self.settings.round_timeout / 2)
+        probes = await asyncio.gather(*(self.registry.probe_status(n, timeout) for n in late))
         verdicts = {n: views.classify_late(status, iteration) for n, status in zip(late, probes, strict=True)}
         for node_id in reachable:
             j = view.index(node_id)

@@ -63,6 +63,13 @@ class CandidateSource(Protocol):
     def forget(self, node_id: str) -> None: ...
 
 
+def cancelled_by_us() -> bool:
+    """Inside ``except CancelledError``: True when this task itself is being cancelled (re-raise), False
+    when gRPC cancelled the call because the registry closed its channel (a peer moved or restarted)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
 def record_from_status(node_id: str, address: str, status: pb.PeerStatus) -> PeerRecord:
     ready_from = status.ready_from_iteration if status.ready else None
     return PeerRecord(node_id=node_id, address=address, alive=True, ready_from=ready_from)
@@ -463,6 +470,23 @@ class PeerRegistry:
             if self._retry_at.get(address, 0.0) <= now:
                 due.append(address)
         await asyncio.gather(*(self.handshake(a) for a in due), return_exceptions=True)
+
+    async def probe_status(self, node_id: str, timeout: float) -> pb.PeerStatus | None:
+        """A live peer's status right now (a handshake on its push channel, which also tells it ours), or
+        None when it does not answer within ``timeout`` seconds, refuses, or its channel is replaced
+        under the call. Unlike ``handshake`` it changes nothing in the registry."""
+        client = self.clients.get(node_id)
+        if client is None:
+            return None
+        try:
+            response = await client.handshake(self.identity, timeout=timeout, status=self.status())
+        except asyncio.CancelledError:
+            if cancelled_by_us():
+                raise
+            return None  # the channel was closed under the call (the peer moved or restarted)
+        except Exception:  # refused, unavailable, timed out: no status, whatever the cause
+            return None
+        return response.status
 
     async def reach(self, node_ids: Sequence[str]) -> None:
         """Handshake now, whatever their backoff, the known peers among ``node_ids`` that are not alive
