@@ -5,6 +5,7 @@ namespaces on a bridge (``multihost``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -606,7 +607,32 @@ def test_mdns_peers_find_each_other_and_see_the_goodbye_on_loopback() -> None:
     run(scenario())
 
 
-def test_a_second_agent_with_the_same_node_id_is_refused() -> None:
+@contextlib.contextmanager
+def bystanders(count: int) -> Iterator[None]:
+    """``count`` sockets bound to 127.0.0.1:5353 with SO_REUSEPORT, as other mDNS responders on this host
+    hold. They join the kernel's reuseport group for that address, which hands each unicast datagram to
+    port 5353 to one member, chosen by a hash seeded per boot and network namespace: a different count
+    moves that choice, so a check that relies on which member gets an answer fails on some count here
+    as it would fail on some machine."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", 5353))
+        yield
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("others", [0, 1, 2, 3], ids=lambda count: f"{count}-bystanders")
+def test_a_second_agent_with_the_same_node_id_is_refused(others: int) -> None:
+    """On one host too, whichever socket of the address's reuseport group the kernel picks for a
+    unicast answer (zeroconf's own probes are answered that way, which made this host-dependent)."""
+
     async def scenario() -> None:
         service_type = unique_service_type()
         original = loopback_node("twin", 7111, service_type)
@@ -614,10 +640,19 @@ def test_a_second_agent_with_the_same_node_id_is_refused() -> None:
         try:
             with pytest.raises(DiscoveryError, match="already advertises node id 'twin'"):
                 await loopback_node("twin", 7112, service_type).start(lambda: None)
+            # The refused twin withdrew nothing: the original is still there for its peers.
+            observer = loopback_node("observer", 7113, service_type)
+            await observer.start(lambda: None)
+            try:
+                await eventually(lambda: len(observer.candidates()) == 1, 5, "the original twin")
+                assert [c.address for c in observer.candidates()] == ["127.0.0.1:7111"]
+            finally:
+                await observer.stop()
         finally:
             await original.stop()
 
-    run(scenario())
+    with bystanders(others):
+        run(scenario())
 
 
 def test_malformed_records_from_the_network_are_ignored_with_one_log_line_each() -> None:
@@ -826,6 +861,34 @@ def test_mdns_between_hosts_on_a_bridge(netns_cluster, tmp_path: Path) -> None:
         assert any(c["node_id"] == "node-1" for c in early[0].events[-1]["candidates"])
     finally:
         for probe in probes:
+            if probe.process.poll() is None:
+                probe.stop()
+
+
+@pytest.mark.multihost
+@pytest.mark.timeout(60)
+def test_a_second_host_advertising_an_existing_node_id_is_refused(netns_cluster, tmp_path: Path) -> None:
+    """Two hosts on a LAN (each its own network namespace, as in a deployment): the second agent
+    advertising a node id that the first holds is refused and exits 2; the first keeps it."""
+    cluster: NetnsCluster = netns_cluster(3)
+    original = Probe(cluster, "h0", "twin", tmp_path / "twin-h0.log")
+    observer = Probe(cluster, "h2", "observer", tmp_path / "observer-h2.log")
+    try:
+        original.wait_for(lambda event: event["event"] == "started", 20, "start")
+        observer.wait_for(sees("twin"), 10, "sighting of the original twin")
+        argv = [sys.executable, "-m", "agent.discovery", "--node-id", "twin", "--interface", "eth0"]
+        argv += ["--advertise", f"{cluster.host('h1').address}:5000", "--duration", "5"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        second = cluster.exec("h1", argv, check=False, timeout=30, env=env)
+        assert second.returncode == 2, (second.returncode, second.stdout, second.stderr)
+        assert "already advertises node id 'twin'" in second.stderr
+        assert '"started"' not in second.stdout
+        # The original stays listed with its own address: the refused twin sent no goodbye for it.
+        time.sleep(1)
+        last = [e for e in observer.events if e["event"] == "candidates"][-1]["candidates"]
+        assert [(c["node_id"], c["address"]) for c in last] == [("twin", original.address)]
+    finally:
+        for probe in (original, observer):
             if probe.process.poll() is None:
                 probe.stop()
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,17 @@ class TrainConfig:
     rounds: int = _cluster(1, "gossip rounds t per iteration")
     wire_dtype: str = _cluster("float32", f"dtype on the wire: {', '.join(WIRE_DTYPES)}")
     # per node
+    run_id: str | None = _node(
+        None,
+        "the run this node trains in: agents of another run are never candidates (mDNS) and are refused "
+        "at the handshake; default 'cfg-' + the first 12 hex digits of the cluster configuration's hash",
+    )
+    tls_cert: str | None = _node(None, "agents: this node's certificate (PEM); its CN is the node id")
+    tls_key: str | None = _node(None, "agents: the private key of tls_cert (PEM)")
+    tls_ca: str | None = _node(None, "agents: the cluster CA certificate (PEM) peers must chain to")
+    allow_node_ids: str | None = _node(
+        None, "agents: comma-separated node ids admitted over TLS (default: every certificate of the CA)"
+    )
     data_path: str | None = _node(None, "folder holding mnist/cifar10/folder data")
     eval_every: int | None = _node(None, "evaluate every this many iterations; default per dataset")
     eval_samples: int = _node(2500, "samples drawn per evaluation (2500 for the 2-D benchmarks)")
@@ -90,6 +102,19 @@ class TrainConfig:
     def config_hash(self) -> str:
         canonical = json.dumps(self.cluster_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def effective_run_id(self) -> str:
+        """`run_id`, or the default derived from the cluster keys: agents started with identical
+        configurations on one network meet; any other difference keeps them apart."""
+        return self.run_id or default_run_id(self.config_hash())
+
+
+def default_run_id(config_hash: str) -> str:
+    return f"cfg-{config_hash[:12]}"
+
+
+# A run id travels in mDNS TXT records and names folders: short, and safe in both.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 # Defaults per dataset, filled in for keys left at None. Tuned on CPU; see docs/quality.md.
@@ -236,6 +261,11 @@ def validate(config: TrainConfig) -> None:
     if config.dataset in ("mnist", "cifar10", "folder") and not config.data_path:
         raise ConfigError(
             f"data_path: dataset {config.dataset!r} reads files you already have; give their folder"
+        )
+    if config.run_id is not None and not RUN_ID_PATTERN.match(config.run_id):
+        raise ConfigError(
+            f"run_id: {config.run_id!r} must be 1-63 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     if config.topology == "random_regular" and config.degree is None:
         raise ConfigError("degree: topology random_regular needs a degree")

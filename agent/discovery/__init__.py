@@ -1,9 +1,10 @@
 """Peer discovery: who might be out there. Three sources feed one ``PeerTable``:
 
-- **mDNS** (``MdnsDiscovery``, ``_dpgan._tcp.local.``): advertises this node (an explicit IPv4 address
-  and port; TXT ``node_id``, ``proto``, ``schema``, ``config``) and browses for the others on the local
-  link. Its candidates carry the node id and TXT the peer advertised. Malformed records from the network
-  are ignored with one log line.
+- **mDNS** (``MdnsDiscovery``, ``_dpgan._tcp.local.``): advertises this node (an explicit IPv4
+  address and port; TXT ``node_id``, ``proto``, ``schema``, ``config``, ``run``) and browses for the
+  others on the local link. Its candidates carry the node id and TXT the peer advertised. Malformed
+  records from the network are ignored with one log line, and so are agents of another run (TXT
+  ``run`` differs).
 - **static** (``StaticPeers``, ``--peers host:port,...``): fixed addresses; node id unknown.
 - **DNS** (``DnsPeers``, ``name[:port]``): names re-resolved every few seconds (A and AAAA), so a compose
   service or a Kubernetes headless Service yields every replica; this node's own address is left out.
@@ -21,7 +22,7 @@ Typical use, on the agent's event loop::
 
     table = build_discovery(node_id="a", advertise="10.0.0.5:5000", listen_port=5000, peers=[],
                             dns_names=["dpgan"], mdns=True, interfaces=None,
-                            txt={"proto": "1", "schema": h1, "config": h2}, dns_interval=5.0)
+                            txt={"proto": "4", "schema": h1, "config": h2, "run": r}, dns_interval=5.0)
     await table.start()
     while running:
         for candidate in table.candidates():   # dial, handshake, then table.confirm(...)
@@ -63,7 +64,7 @@ from agent.discovery.mdns import (
     MdnsDiscovery,
 )
 from agent.discovery.static import StaticPeers
-from agent.discovery.table import PeerTable
+from agent.discovery.table import TXT_RUN, PeerTable
 from agent.logs import get_logger
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "TXT_CONFIG",
     "TXT_NODE_ID",
     "TXT_PROTOCOL",
+    "TXT_RUN",
     "TXT_SCHEMA",
     "Candidate",
     "ChangeCallback",
@@ -155,5 +157,9 @@ def build_discovery(
             )
         )
     return PeerTable(
-        sources, own_node_id=node_id, own_addresses=[own_address], log=log.bind(discovery="table")
+        sources,
+        own_node_id=node_id,
+        own_addresses=[own_address],
+        run_id=txt.get(TXT_RUN),
+        log=log.bind(discovery="table"),
     )

@@ -55,6 +55,10 @@ MAX_TXT_ENTRIES = 32
 MAX_TXT_ENTRY_BYTES = 255  # one length byte per entry
 MAX_INSTANCE_BYTES = 63  # RFC 6763 §4.1.1
 RESOLVE_TIMEOUT_S = 3.0
+# How long start() waits for an answer to its one-shot query for its own name (see _name_is_taken). It runs
+# while zeroconf probes, which takes over 1 s (a 150-250 ms delay, then probes 500 ms apart), so it adds
+# nothing to the start-up time; a defender answers a one-shot query by unicast at once.
+NAME_CHECK_TIMEOUT_S = 0.6
 
 _UNSAFE_INSTANCE_CHARACTERS = re.compile(r"[^A-Za-z0-9-]")
 _TXT_KEY = re.compile(r"^[\x20-\x3c\x3e-\x7e]+$")  # printable ASCII except '=' (RFC 6763 §6.4)
@@ -260,7 +264,15 @@ class MdnsDiscovery:
                 server=f"{self.instance}.local.",
                 addresses=[socket.inet_aton(self.advertise_host)],
             )
-            announced = await self._zeroconf.async_register_service(info)
+            registering = asyncio.ensure_future(self._zeroconf.async_register_service(info))
+            try:
+                if await self._name_is_taken(registering):
+                    raise NonUniqueNameException
+                announced = await registering
+            finally:
+                registering.cancel()  # no-op once done; retrieves a probe's exception in every case
+                with contextlib.suppress(asyncio.CancelledError, NonUniqueNameException):
+                    await registering
             self._registered = info
             await announced
         except NonUniqueNameException:
@@ -275,6 +287,33 @@ class MdnsDiscovery:
         self.log.info(
             "mDNS advertising", service=self.service_name, address=f"{self.advertise_host}:{self.port}"
         )
+
+    async def _name_is_taken(self, registering: asyncio.Future[Any]) -> bool:
+        """Whether another host answers a one-shot query for this node's service name (RFC 6762 §5.1),
+        asked while zeroconf probes for the name.
+
+        zeroconf's probes alone do not find a holder on the same host: they go out from port 5353 and the
+        holder answers them by unicast to that address and port 5353, where every mDNS responder of the
+        host bound to that address shares one SO_REUSEPORT group, and the kernel hands the answer to one
+        of them by a hash seeded per boot and network namespace, often to the holder itself. A one-shot
+        query comes from an ephemeral port of its own, so the holder's answer reaches the asker only."""
+        interfaces = self.interfaces if self.interfaces is not None else InterfaceChoice.All
+        try:
+            asker = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only, unicast=True)
+        except OSError as error:
+            self.log.warning("mDNS one-shot name check not possible", error=repr(error))
+            return False
+        try:
+            found = AsyncServiceInfo(self.service_type, self.service_name)
+            if not await found.async_request(asker.zeroconf, NAME_CHECK_TIMEOUT_S * 1000):
+                return False
+        finally:
+            await asker.async_close()
+        if not registering.done():
+            return True  # this node's own record is not registered yet: the answer came from another host
+        # The event loop stalled past zeroconf's probing: the answer may be this node's own record.
+        found_at = (found.port, found.parsed_addresses(IPVersion.V4Only))
+        return found_at != (self.port, [self.advertise_host])
 
     async def stop(self) -> None:
         """Withdraw the record (peers see the goodbye at once) and release the sockets. Idempotent."""

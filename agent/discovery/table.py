@@ -16,6 +16,9 @@ from agent.discovery.base import (
 )
 from agent.logs import get_logger
 
+# TXT key of the mDNS record that names the advertising agent's run (docs/security.md).
+TXT_RUN = "run"
+
 # Which source's address to dial first for a node when the handshake has not picked one: mDNS
 # addresses are what the node itself advertises; static and DNS ones are what an operator wrote.
 _SOURCE_PREFERENCE = {SOURCE_HANDSHAKE: 0, SOURCE_MDNS: 1, SOURCE_STATIC: 2, SOURCE_DNS: 3}
@@ -28,7 +31,9 @@ class PeerTable:
     DNS; every other address seen in ``alternates``) plus one entry per address whose node is still
     unknown. A handshake (``confirm``) binds an address to a node id and beats whatever a source
     claims about that address. Addresses of this node itself (its own node id, or ``own_addresses``)
-    never appear. All methods run on the agent's event loop.
+    never appear. With ``run_id``, an mDNS record whose TXT ``run`` differs (or is missing) is another
+    run's agent and never becomes a candidate (logged once per record). All methods run on the agent's
+    event loop.
     """
 
     def __init__(
@@ -37,10 +42,13 @@ class PeerTable:
         *,
         own_node_id: str | None = None,
         own_addresses: Collection[str] = (),
+        run_id: str | None = None,
         log: Any | None = None,
     ) -> None:
         self.sources = list(sources)
         self.own_node_id = own_node_id
+        self.run_id = run_id
+        self._other_runs_logged: set[tuple[str, str]] = set()
         self.log = log if log is not None else get_logger(discovery="table")
         self._own_addresses = set(own_addresses)
         self._node_at: dict[str, str] = {}  # address -> node id, from handshakes
@@ -91,7 +99,7 @@ class PeerTable:
             candidate
             for source in self.sources
             for candidate in source.candidates()
-            if candidate.address not in self._own_addresses
+            if candidate.address not in self._own_addresses and self._in_this_run(candidate)
         ]
         node_at = {c.address: c.node_id for c in reported if c.node_id is not None}
         node_at.update(self._node_at)
@@ -113,6 +121,24 @@ class PeerTable:
                 listed.append(Candidate(address=address, source=SOURCE_HANDSHAKE))
         merged = [self._merge(node_id, candidates) for node_id, candidates in sorted(by_node.items())]
         return merged + [unknown[address] for address in sorted(unknown)]
+
+    def _in_this_run(self, candidate: Candidate) -> bool:
+        if self.run_id is None or candidate.source != SOURCE_MDNS:
+            return True  # static and DNS peers carry no TXT: the handshake compares run ids
+        run = candidate.txt.get(TXT_RUN, "")
+        if run == self.run_id:
+            return True
+        key = (candidate.node_id or candidate.address, run)
+        if key not in self._other_runs_logged:
+            self._other_runs_logged.add(key)
+            self.log.info(
+                "ignoring an agent of another run",
+                peer=candidate.node_id,
+                address=candidate.address,
+                its_run=run or "(none advertised)",
+                run=self.run_id,
+            )
+        return False
 
     def _merge(self, node_id: str, candidates: list[Candidate]) -> Candidate:
         confirmed = self._confirmed.get(node_id)

@@ -43,12 +43,19 @@ from agent.core.membership import (
     Membership,
     is_boundary,
 )
-from agent.discovery import PeerTable, build_discovery
+from agent.discovery import TXT_RUN, PeerTable, build_discovery
 from agent.files import clear_run_files, remove_stale_temporaries
 from agent.logs import get_logger
 from agent.node.entry import ClusterEntry
 from agent.node.gossip import GossipRounds, RoundSettings, Traffic
-from agent.node.options import AgentError, AgentOptions, NothingToJoin, Outcome, StopRequested
+from agent.node.options import (
+    AgentError,
+    AgentOptions,
+    NothingToJoin,
+    Outcome,
+    StopRequested,
+    describe_security,
+)
 from agent.node.peers import CandidateSource, PeerRegistry
 from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_iteration, finished_summary
 from agent.node.state import snapshot_of
@@ -101,10 +108,16 @@ class PeerAgent:
             config_hash=config.config_hash(),
             config_json=json.dumps(config.cluster_dict(), sort_keys=True),
             instance_id=secrets.token_hex(8),
+            run_id=config.effective_run_id(),
         )
         self.source = source or self._discovery()
         self.registry = PeerRegistry(
-            self.identity, self.source, self.status, self.log, probe_interval=options.probe_interval
+            self.identity,
+            self.source,
+            self.status,
+            self.log,
+            probe_interval=options.probe_interval,
+            security=options.security,
         )
         self.inbox = Inbox(rounds_per_iteration=config.rounds, ahead_window=AHEAD_ITERATIONS * config.rounds)
         self.positions = PeerPositions()
@@ -120,6 +133,7 @@ class PeerAgent:
             device=self.device,
             positions=self.positions,
             stall_timeout=options.round_timeout,
+            security=options.security,
         )
         self.hyper = hyper_from(config)
         self.state: NodeState | None = None
@@ -182,6 +196,7 @@ class PeerAgent:
                 "proto": str(PROTOCOL_VERSION),
                 "schema": self.identity.schema_hash,
                 "config": self.identity.config_hash,
+                TXT_RUN: self.identity.run_id,
             },
             dns_interval=options.dns_interval,
             log=self.log,
@@ -395,6 +410,7 @@ class PeerAgent:
             address=self.server.address,
             advertise=self.options.advertise,
             instance=self.identity.instance_id,
+            **describe_security(self.config, self.options.security),
         )
         if isinstance(self.source, PeerTable):
             await self.source.start()

@@ -9,14 +9,20 @@ health checks (Dockerfile HEALTHCHECK, compose) and probes that cannot speak gRP
 check that must not restart an agent merely because it is still waiting for its peers, yet catches one
 whose server no longer responds.
 
+An agent that serves mutual TLS answers only clients with a certificate of its cluster: give the
+node's own ``--tls-cert``, ``--tls-key`` and ``--tls-ca`` (or set ``DPGAN_TLS_CERT``, ``DPGAN_TLS_KEY``
+and ``DPGAN_TLS_CA``, which is what the image, compose and the DaemonSet do).
+
 Imports only grpc and the health stubs, so a probe starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,19 +33,33 @@ EXIT_UNHEALTHY = 1
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 # A probe must reach the address it is given, never an HTTP proxy from the environment.
 _CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
+# Every node certificate carries this DNS name (agent.security.certs.CLUSTER_SERVER_NAME; repeated here
+# so a probe does not import the X.509 library).
+_CLUSTER_SERVER_NAME = "dpgan-peer"
 
 
 class HealthCheckFailed(Exception):
     """The health service did not answer (unreachable, deadline exceeded, unknown service)."""
 
 
-def check(address: str, timeout: float, service: str = "") -> str:
+def _channel(address: str, tls: tuple[bytes, bytes, bytes] | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    cert, key, ca = tls
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    options = (*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", _CLUSTER_SERVER_NAME))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def check(
+    address: str, timeout: float, service: str = "", tls: tuple[bytes, bytes, bytes] | None = None
+) -> str:
     """The serving status name (``SERVING``, ``NOT_SERVING``, ...) `address` reports for `service`.
 
-    `timeout` bounds the whole call, connection included. Raises HealthCheckFailed when no status
-    comes back.
+    `timeout` bounds the whole call, connection included. `tls`: (certificate, key, CA) PEM bytes for
+    an agent that serves mutual TLS. Raises HealthCheckFailed when no status comes back.
     """
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    with _channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -74,6 +94,14 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument(
         "--service", default="", help="health service name to ask about (default: the whole server)"
     )
+    for name, what in (("cert", "this node's certificate"), ("key", "its key"), ("ca", "the cluster CA")):
+        variable = f"DPGAN_TLS_{name.upper()}"
+        result.add_argument(
+            f"--tls-{name}",
+            type=Path,
+            default=os.environ.get(variable) or None,
+            help=f"{what} (PEM) for an agent that serves mutual TLS (default: ${variable})",
+        )
     result.add_argument(
         "--alive",
         action="store_true",
@@ -84,8 +112,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    tls = None
+    if any(files):
+        if not all(files):
+            print("error: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)
+            return EXIT_UNHEALTHY
+        try:
+            cert, key, ca = (Path(path).read_bytes() for path in files)
+        except OSError as error:
+            print(f"error: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+            return EXIT_UNHEALTHY
+        tls = (cert, key, ca)
     try:
-        status = check(args.address, args.timeout, args.service)
+        status = check(args.address, args.timeout, args.service, tls)
     except HealthCheckFailed as error:
         print(f"{args.address}: unreachable ({error})")
         return EXIT_UNHEALTHY

@@ -1,7 +1,9 @@
 """``dpgan-agent --local N``: N separate agent processes on loopback, one terminal showing progress.
 
 Each child is a full ``dpgan-agent`` with its own gRPC server, static ``--peers`` of the others, and
-its own output folder ``<out>/node-<i>``. The launcher is only a process supervisor (it takes no part
+its own output folder ``<out>/node-<i>``. They talk mutual TLS: the launcher creates a throwaway cluster
+CA and one certificate per node in ``<out>/tls`` (kept for --resume), unless ``--insecure`` is given.
+The launcher is only a process supervisor (it takes no part
 in training): it forwards SIGINT/SIGTERM, shows progress from the children's JSON logs, and when
 they are done evaluates the network-average model and writes ``<out>/summary.json``,
 ``<out>/metrics.jsonl`` (all nodes' evaluations) and ``<out>/samples-final.png``.
@@ -51,6 +53,7 @@ FORWARDED_FLAGS = (
     "--isolation-timeout",
     "--stop-grace",
     "--pace",
+    "--insecure",
 )
 _LOOPBACK = "the launcher gives each agent a free loopback port and lists the others as its --peers"
 # Flags that place one agent on a network: the launcher decides them for its agents, so they are refused.
@@ -65,6 +68,9 @@ REFUSED_FLAGS = {
     "--node-id": "the agents are named node-0 ... node-<N-1>",
     "--log-format": "the launcher reads its agents' JSON logs (kept in <out>/node-<i>/agent.log)",
 }
+# Configuration keys a --local cluster decides itself, as flags or in a --config file.
+_OWN_CA = "the launcher issues each agent a certificate from a throwaway CA in <out>/tls"
+REFUSED_KEYS = {"tls_cert": _OWN_CA, "tls_key": _OWN_CA, "tls_ca": _OWN_CA}
 
 
 def free_ports(count: int) -> list[int]:
@@ -97,6 +103,13 @@ def agent_flags(argv: Sequence[str], count: int) -> list[str]:
     for flag, reason in REFUSED_FLAGS.items():
         if getattr(args, _dest(flag)) != parser.get_default(_dest(flag)):
             raise ValueError(f"--local: {flag} cannot be used ({reason}); drop it or run the agents yourself")
+    from_file = read_yaml(args.config) if args.config is not None else {}
+    for key, reason in REFUSED_KEYS.items():
+        flag = "--" + key.replace("_", "-")
+        if hasattr(args, key):
+            raise ValueError(f"--local: {flag} cannot be used ({reason}); drop it or run the agents yourself")
+        if from_file.get(key) is not None:
+            raise ValueError(f"--local: {args.config} sets {key} ({reason}); drop it")
     nodes = getattr(args, "nodes", None)
     if nodes is None and args.config is not None:
         nodes = read_yaml(args.config).get("nodes")
@@ -123,6 +136,38 @@ def agent_command(
         "--out", str(node_dir), "--config", str(config_path), "--log-format", "json",
         *flags,
     ]  # fmt: skip
+
+
+def local_pki(folder: Path, node_ids: Sequence[str]) -> dict[str, list[str]]:
+    """A throwaway cluster CA and one certificate per node in ``folder`` (reused when they still verify,
+    so a resumed cluster keeps them); returns each node's --tls-* flags."""
+    from agent.security.certs import (
+        CertificateError,
+        create_ca,
+        issue_node_certificate,
+        load_node_credentials,
+        write_certificate,
+        write_private_key,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    ca_cert, ca_key = folder / "ca.crt", folder / "ca.key"
+    if not (ca_cert.is_file() and ca_key.is_file()):
+        cert_pem, key_pem = create_ca(common_name="dpgan --local throwaway CA")
+        write_certificate(ca_cert, cert_pem)
+        write_private_key(ca_key, key_pem)
+    flags = {}
+    for node_id in node_ids:
+        cert, key = folder / f"{node_id}.crt", folder / f"{node_id}.key"
+        try:
+            load_node_credentials(cert, key, ca_cert)
+        except CertificateError:
+            cert_pem, key_pem = issue_node_certificate(ca_cert.read_bytes(), ca_key.read_bytes(), node_id)
+            write_certificate(cert, cert_pem)
+            write_private_key(key, key_pem)
+        flags[node_id] = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca_cert)]
+    return flags
 
 
 def check_cluster_folder(out: Path, argv: Sequence[str]) -> None:
@@ -237,12 +282,16 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
     ports = free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     node_ids = [f"node-{i}" for i in range(count)]
+    tls = {node_id: [] for node_id in node_ids} if "--insecure" in flags else local_pki(out / "tls", node_ids)
     progress = Progress(node_ids, config.iterations or 0)
     children: list[subprocess.Popen[str]] = []
     pumps: list[threading.Thread] = []
     started = time.perf_counter()
     print(
-        f"[dpgan --local] starting {count} agents on {', '.join(addresses)}; output in {out}", file=sys.stderr
+        f"[dpgan --local] starting {count} agents on {', '.join(addresses)} "
+        f"({'plaintext' if '--insecure' in flags else 'mutual TLS, CA in ' + str(out / 'tls')}); "
+        f"output in {out}",
+        file=sys.stderr,
     )
 
     def forward(signum: int, _frame: object) -> None:
@@ -260,7 +309,7 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
         for i, node_id in enumerate(node_ids):
             node_dir = out / node_id
             node_dir.mkdir(parents=True, exist_ok=True)
-            command = agent_command(i, addresses, node_dir, config_path, flags)
+            command = agent_command(i, addresses, node_dir, config_path, [*flags, *tls[node_id]])
             # Each agent in its own session: a Ctrl-C in the terminal reaches only the launcher, which
             # forwards it once (an agent takes a second signal as "exit at once, without a checkpoint").
             child = subprocess.Popen(

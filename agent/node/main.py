@@ -14,6 +14,7 @@ import torch
 
 from agent.allocator import keep_freed_memory
 from agent.configfile import add_config_flags, config_from_args
+from agent.core.config import TrainConfig
 from agent.core.membership import MembershipError, check_node_id
 from agent.discovery.addresses import resolve_advertise
 from agent.logs import configure_logging, get_logger
@@ -47,7 +48,16 @@ def agent_parser() -> argparse.ArgumentParser:
         "(default: the listen address, or 'auto' when listening on 0.0.0.0)",
     )
     parser.add_argument("--peers", default="", help="comma-separated host:port of the other agents")
-    parser.add_argument("--node-id", help="stable unique node id (default: the advertised address)")
+    parser.add_argument(
+        "--node-id",
+        help="stable unique node id (default: the common name of --tls-cert, else the advertised address)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext gRPC on a network address (without TLS every host that reaches the port "
+        "can join the run); without it an agent with no --tls-* listens on loopback only",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default runs/agent-<node id> or runs/local)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
@@ -144,8 +154,9 @@ def _positive(value: float, what: str) -> None:
         raise ValueError(f"{what}: must be positive, got {value}")
 
 
-def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOptions (imported lazily)
+def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN201 - AgentOptions (lazy)
     from agent.node.options import AgentOptions
+    from agent.node.trust import configure_trust
 
     host, port = split_host_port(args.listen, "--listen")
     if port == 0 and args.advertise in (None, "", "auto"):
@@ -161,7 +172,13 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         raise ValueError(f"--peers lists this agent's own address {advertise}")
     if len(set(peers)) != len(peers):
         raise ValueError("--peers lists an address twice")
-    node_id = check_node_id(args.node_id or advertise)
+    trust = configure_trust(
+        config,
+        node_id=args.node_id,
+        hosts=(host, split_host_port(advertise, "--advertise")[0]),
+        insecure=args.insecure,
+    )
+    node_id = check_node_id(trust.node_id or args.node_id or advertise)
     for value, what in ((args.checkpoint_every, "--checkpoint-every"), (args.log_every, "--log-every")):
         _positive(value, what)
     _positive(args.round_timeout, "--round-timeout")
@@ -217,6 +234,8 @@ def build_options(args: argparse.Namespace):  # noqa: ANN201 - returns AgentOpti
         stop_grace=args.stop_grace,
         keep_checkpoints=args.keep_checkpoints,
         overwrite=args.overwrite,
+        security=trust.security,
+        warnings=trust.warnings,
     )
 
 
@@ -258,7 +277,7 @@ def agent_main(argv: Sequence[str]) -> int:
             from agent.node.local import run_local_cluster
 
             return run_local_cluster(args.local, argv, args.out or Path("runs/local"), config)
-        options = build_options(args)
+        options = build_options(args, config)
     except (ValueError, MembershipError) as error:
         print(f"dpgan-agent: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -269,6 +288,8 @@ def agent_main(argv: Sequence[str]) -> int:
     from agent.node.options import AgentError
 
     log = get_logger(node=options.node_id)
+    for warning in options.warnings:
+        log.warning(warning)
     try:
         agent = PeerAgent(config, options)
         return asyncio.run(_run_agent(agent))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.core.config import TrainConfig
 from agent.core.membership import IsolationPolicy
 from agent.transport.options import DEFAULT_CHUNK_BYTES
+from agent.transport.tls import TransportSecurity
 
 # Exit status of an agent that left because it was isolated (policy "exit").
 EXIT_ISOLATED = 3
@@ -62,9 +64,30 @@ class AgentOptions:
     # checkpoint.safetensors, and whether a previous run's results in --out may be replaced.
     keep_checkpoints: int = 3
     overwrite: bool = False
+    # Mutual TLS and the allowlist (docs/security.md); plaintext by default for library use on loopback.
+    security: TransportSecurity = field(default_factory=TransportSecurity.insecure)
+    # Said once at start (e.g. --insecure on a network address, a certificate about to expire).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Outcome:
     kind: str  # finished | stopped | paused | resync | isolated
     source: str = ""  # resync: the peer to re-enter through
+
+
+def describe_security(config: TrainConfig, security: TransportSecurity) -> dict[str, str]:
+    """Log fields saying which run this node is in, where that id came from, and how peers are trusted."""
+    origin = (
+        "--run-id"
+        if config.run_id
+        else "the configuration's hash: agents with identical configurations on this network join each "
+        "other; give --run-id to keep runs apart"
+    )
+    if security.enabled and security.credentials is not None:
+        tls = f"mutual TLS as {security.credentials.node_id!r}"
+        if security.allowed_node_ids is not None:
+            tls += f", allowlist of {len(security.allowed_node_ids)} node ids"
+    else:
+        tls = "off: plaintext, every host that reaches the port is trusted"
+    return {"run": config.effective_run_id(), "run_id_from": origin, "tls": tls}

@@ -42,6 +42,7 @@ from agent.discovery import SOURCE_STATIC, Candidate
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import HandshakeRefused, PeerClient, PeerRpcError, PeerUnavailable
 from agent.transport.identity import PeerIdentity, identity_mismatch
+from agent.transport.tls import TransportSecurity
 
 BACKOFF_INITIAL_S: Final = 0.25
 BACKOFF_CAP_S: Final = 30.0
@@ -138,8 +139,10 @@ class PeerRegistry:
         give_up_tries: int = GIVE_UP_TRIES,
         give_up_seconds: float = GIVE_UP_SECONDS,
         rng: random.Random | None = None,
+        security: TransportSecurity | None = None,
     ) -> None:
         self.identity = identity
+        self.security = security
         self.source = source
         self.status = status
         self.log = log
@@ -298,7 +301,7 @@ class PeerRegistry:
         # connects at once (a failed channel would wait out gRPC's own reconnect backoff).
         reuse = current is not None and current.address == address and self.records[owner].alive
         try:
-            client = current if reuse and current is not None else PeerClient(address)
+            client = current if reuse and current is not None else PeerClient(address, security=self.security)
         except ValueError as error:  # e.g. a peer that advertises no usable address
             self._failed(address, f"not a dialable address: {error}")
             return None

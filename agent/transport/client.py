@@ -28,6 +28,7 @@ from agent.transport.options import (
 )
 from agent.transport.protocol import FETCH_STATE_METHOD, PUSH_VECTOR_METHOD
 from agent.transport.state import StateSnapshot, StateStreamDecoder
+from agent.transport.tls import TransportSecurity
 
 DEFAULT_RPC_TIMEOUT_S: Final = 10.0
 # A late joiner downloads parameters plus optimizer state; 4 GiB covers any model this agent targets
@@ -84,15 +85,26 @@ class PeerClient:
         *,
         default_timeout: float = DEFAULT_RPC_TIMEOUT_S,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+        security: TransportSecurity | None = None,
     ) -> None:
         """`stall_timeout`: a FetchState download that delivers no chunk for this long is aborted
-        (pass the agent's round timeout)."""
+        (pass the agent's round timeout). `security`: mutual TLS (agent/transport/tls.py); None dials
+        plaintext."""
         if not address or ":" not in address:
             raise ValueError(f"peer address must be host:port, got {address!r}")
         self._address = address
         self._default_timeout = _validate_timeout(default_timeout)
         self._stall_timeout = _validate_timeout(stall_timeout)
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
+        security = security or TransportSecurity.insecure()
+        self._tls = security.enabled
+        if security.enabled:
+            self._channel = grpc.aio.secure_channel(
+                address,
+                security.channel_credentials(),
+                options=[*channel_options(), *security.channel_options()],
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.GossipStub(self._channel)
         # PushVector and FetchState bypass protobuf message objects on the hot path: requests go out
         # as frames frames already serialized, responses are parsed by frames.parse_chunk without
@@ -308,6 +320,12 @@ class PeerClient:
     def _translate(self, error: grpc.aio.AioRpcError, operation: str) -> Exception:
         code = error.code()
         message = f"{operation} to {self._address} failed: {code.name}: {error.details()}"
+        if self._tls and code is grpc.StatusCode.UNAVAILABLE:
+            # A refused TLS handshake looks like any unreachable peer to gRPC: say what else it may be.
+            message += (
+                " (over mutual TLS: also the case when the peer's certificate is not signed by this "
+                "cluster's CA, has expired, or the peer refused this node's certificate)"
+            )
         if code in _UNAVAILABLE_CODES:
             return PeerUnavailable(message, timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED)
         return PeerRpcError(message, code)

@@ -27,6 +27,8 @@ class PeerIdentity:
     agent_version: str = ""
     # This process's incarnation: random, new at every start (HandshakeRequest.instance_id).
     instance_id: str = ""
+    # The run this node trains in (docs/security.md); "" only in tests of the bare transport.
+    run_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -44,6 +46,7 @@ class PeerIdentity:
             membership_epoch=self.membership_epoch,
             agent_version=self.agent_version,
             instance_id=self.instance_id,
+            run_id=self.run_id,
         )
 
     def handshake_response(
@@ -61,6 +64,7 @@ class PeerIdentity:
             membership_epoch=self.membership_epoch,
             agent_version=self.agent_version,
             instance_id=self.instance_id,
+            run_id=self.run_id,
         )
 
 
@@ -79,6 +83,12 @@ def identity_mismatch(local: PeerIdentity, remote: pb.HandshakeRequest | pb.Hand
         )
     if remote.config_hash != local.config_hash:
         return f"config_hash differs: {describe_config_difference(local.config_json, remote.config_json)}"
+    # After the config: a default run id derives from it, and the differing key is the better reason.
+    if remote.run_id != local.run_id:
+        return (
+            f"run_id differs: this node trains in run {local.run_id!r}, peer {remote.node_id!r} in run "
+            f"{remote.run_id!r} (nodes of different runs never train together; see --run-id)"
+        )
     return None
 
 

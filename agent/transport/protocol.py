@@ -6,7 +6,7 @@ from typing import Final
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 
-PROTOCOL_VERSION: Final = 3  # 2: the Announce RPC (paced pushes); 3: incarnations, stop proposals
+PROTOCOL_VERSION: Final = 4  # 2: Announce (paced pushes); 3: incarnations, stop proposals; 4: run ids
 
 GOSSIP_SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Gossip"].full_name
 PUSH_VECTOR_METHOD: Final = f"/{GOSSIP_SERVICE_NAME}/PushVector"

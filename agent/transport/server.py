@@ -53,6 +53,7 @@ from agent.transport.options import (
 from agent.transport.positions import PeerPositions
 from agent.transport.protocol import GOSSIP_SERVICE_NAME, PROTOCOL_VERSION
 from agent.transport.state import StateSnapshot, encode_state
+from agent.transport.tls import TransportSecurity, caller_identity, claim_refusal
 
 HandshakePolicy = Callable[[pb.HandshakeRequest], tuple[bool, str]]
 StateProvider = Callable[[], StateSnapshot | Awaitable[StateSnapshot]]
@@ -168,16 +169,19 @@ class GossipServer:
         max_push_streams_per_peer: int = MAX_PUSH_STREAMS_PER_PEER,
         max_push_streams: int = MAX_PUSH_STREAMS,
         max_connection_idle_s: float = SERVER_MAX_CONNECTION_IDLE_MS / 1000,
+        security: TransportSecurity | None = None,
     ) -> None:
         """`stall_timeout`: seconds without a chunk before a PushVector stream (or without progress
         before a FetchState send) is aborted; pass the agent's round timeout. `max_push_streams*`:
         concurrent PushVector streams per sender and in total. `max_connection_idle_s`: a connection
-        with no RPC for this long is closed (grpc.max_connection_idle_ms)."""
+        with no RPC for this long is closed (grpc.max_connection_idle_ms). `security`: mutual TLS and
+        the allowlist (agent/transport/tls.py); None serves plaintext and trusts claimed node ids."""
         if vector_length < 0:
             raise ValueError(f"vector_length must be >= 0, got {vector_length}")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self._identity = identity
+        self._security = security or TransportSecurity.insecure()
         self._inbox = inbox
         self._positions = positions
         self._vector_length = vector_length
@@ -240,7 +244,10 @@ class GossipServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         requested = _format_address(self._host, self._requested_port)
         try:
-            bound_port = server.add_insecure_port(requested)
+            if self._security.enabled:
+                bound_port = server.add_secure_port(requested, self._security.server_credentials())
+            else:
+                bound_port = server.add_insecure_port(requested)
         except RuntimeError as error:
             raise BindError(
                 f"cannot bind gossip server to {requested}: {error} "
@@ -253,7 +260,12 @@ class GossipServer:
         await server.start()
         self._server = server
         self._bound_port = bound_port
-        _log.info("gossip_server_started", address=self.address, node_id=self._identity.node_id)
+        _log.info(
+            "gossip_server_started",
+            address=self.address,
+            node_id=self._identity.node_id,
+            tls=self._security.enabled,
+        )
 
     async def stop(self, grace: float = 1.0) -> None:
         """Report NOT_SERVING, then stop; in-flight RPCs get `grace` seconds to finish."""
@@ -339,7 +351,8 @@ class GossipServer:
     async def _rpc_handshake(
         self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext
     ) -> pb.HandshakeResponse:
-        return self._handle_handshake(request, context.peer())
+        refusal = claim_refusal(self._security, caller_identity(context), request.node_id, "handshake")
+        return self._handle_handshake(request, context.peer(), refusal)
 
     async def _rpc_push_vector(
         self, chunks: AsyncIterator[RawChunk | WireError], context: grpc.aio.ServicerContext
@@ -352,10 +365,10 @@ class GossipServer:
             )
             self._log_once(peer, "push_streams_exhausted", reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-        stream = _PushStream(peer=peer, stall_timeout=self._stall_timeout)
+        stream = _PushStream(peer=caller_identity(context) or peer, stall_timeout=self._stall_timeout)
         self._push_streams.add(stream)
         try:
-            result = await self._handle_push(chunks, stream)
+            result = await self._handle_push(chunks, stream, caller_identity(context))
         finally:
             self._push_streams.discard(stream)
             if stream.sender is not None:
@@ -388,6 +401,11 @@ class GossipServer:
     async def _rpc_announce(
         self, request: pb.RoundAnnouncement, context: grpc.aio.ServicerContext
     ) -> pb.AnnounceAck:
+        authenticated = caller_identity(context)
+        refusal = claim_refusal(self._security, authenticated, request.sender_id, "announcement")
+        if refusal is not None:
+            self._log_once(authenticated or context.peer(), "announce_forbidden", refusal)
+            return pb.AnnounceAck(accepted=False, reason=refusal)
         if request.sender_id not in self._peers:
             reason = (
                 f"node {request.sender_id!r} has not completed a handshake with "
@@ -399,8 +417,10 @@ class GossipServer:
             await self._positions.announce(request.sender_id, request.iteration, request.round)
         return pb.AnnounceAck(accepted=True)
 
-    def _handle_handshake(self, request: pb.HandshakeRequest, peer: str) -> pb.HandshakeResponse:
-        reason = self._transport_refusal(request)
+    def _handle_handshake(
+        self, request: pb.HandshakeRequest, peer: str, refusal: str | None = None
+    ) -> pb.HandshakeResponse:
+        reason = refusal or self._transport_refusal(request)
         accepted = reason is None
         if accepted:
             try:
@@ -440,9 +460,12 @@ class GossipServer:
         return None
 
     async def _handle_push(
-        self, chunks: AsyncIterator[RawChunk | WireError], stream: _PushStream
+        self, chunks: AsyncIterator[RawChunk | WireError], stream: _PushStream, authenticated: str | None
     ) -> pb.PushAck | tuple[grpc.StatusCode, str]:
-        """Receive one push; return its ack, or the (status code, reason) to abort the RPC with."""
+        """Receive one push; return its ack, or the (status code, reason) to abort the RPC with.
+
+        `authenticated`: the caller's certificate identity (None on plaintext); a header claiming
+        another sender is refused before any payload is read."""
         sender = stream.peer  # replaced by the header's sender_id once known; used for accounting and logs
         assembler: VectorAssembler | None = None
         loop = asyncio.get_running_loop()
@@ -455,7 +478,12 @@ class GossipServer:
                     stream.fed()
                     if isinstance(chunk, WireError):
                         raise chunk
-                    if assembler is None and chunk.header is not None and chunk.header.sender_id:
+                    if (
+                        authenticated is None
+                        and assembler is None
+                        and chunk.header is not None
+                        and chunk.header.sender_id
+                    ):
                         sender = chunk.header.sender_id
                     self._count_received(sender, chunk.message_bytes)
                     stream.received_bytes += chunk.message_bytes
@@ -467,6 +495,9 @@ class GossipServer:
                         raise WireError(
                             WireErrorKind.MISSING_HEADER, "first chunk of the stream carries no VectorHeader"
                         )
+                    refusal = claim_refusal(self._security, authenticated, header.sender_id, "push")
+                    if refusal is not None:
+                        return self._reject(sender, pb.PUSH_STATUS_FORBIDDEN, refusal, "push_forbidden")
                     known_peer = self._peers.get(header.sender_id)
                     if known_peer is None:
                         return self._reject(
@@ -576,6 +607,11 @@ class GossipServer:
         self, request: pb.StateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         requester = request.requester_id
+        authenticated = caller_identity(context)
+        refusal = claim_refusal(self._security, authenticated, requester, "state request")
+        if refusal is not None:
+            self._log_once(authenticated or context.peer(), "fetch_state_forbidden", refusal)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         if requester not in self._peers:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64pgan/v1/dpgan.proto\x12\x08\x64pgan.v1\"\x83\x02\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x19\n\x11\x61\x64vertise_address\x18\x03 \x01(\t\x12\x13\n\x0bschema_hash\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x18\n\x10membership_epoch\x18\x07 \x01(\x04\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12$\n\x06status\x18\t \x01(\x0b\x32\x14.dpgan.v1.PeerStatus\x12\x13\n\x0binstance_id\x18\n \x01(\t\"\xaf\x01\n\nPeerStatus\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x1c\n\x14ready_from_iteration\x18\x02 \x01(\x04\x12\x10\n\x08training\x18\x03 \x01(\x08\x12\x11\n\titeration\x18\x04 \x01(\x04\x12\x13\n\x0bview_period\x18\x05 \x01(\r\x12\x0f\n\x07members\x18\x06 \x03(\t\x12\x19\n\x11stop_at_iteration\x18\x07 \x01(\x04\x12\x0e\n\x06paused\x18\x08 \x01(\x08\"\x8b\x02\n\x11HandshakeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x13\n\x0bschema_hash\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\x18\n\x10membership_epoch\x18\x08 \x01(\x04\x12\x15\n\ragent_version\x18\t \x01(\t\x12$\n\x06status\x18\n \x01(\x0b\x32\x14.dpgan.v1.PeerStatus\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\"\xdc\x01\n\x0cVectorHeader\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x18\n\x10membership_epoch\x18\x04 \x01(\x04\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.dpgan.v1.WireDtype\x12\x15\n\relement_count\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\r\x12\x0c\n\x04name\x18\t \x01(\t\x12\r\n\x05shape\x18\n \x03(\x04\"C\n\x0bVectorChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dpgan.v1.VectorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"Q\n\x07PushAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.dpgan.v1.PushStatus\"H\n\x0cStateRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"b\n\x11RoundAnnouncement\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x18\n\x10membership_epoch\x18\x04 \x01(\x04\"/\n\x0b\x41nnounceAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*p\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12WIRE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13WIRE_DTYPE_BFLOAT16\x10\x02\x12\x16\n\x12WIRE_DTYPE_FLOAT16\x10\x03*\x8f\x02\n\nPushStatus\x12\x1b\n\x17PUSH_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PUSH_STATUS_ACCEPTED\x10\x01\x12\x1e\n\x1aPUSH_STATUS_BUFFERED_AHEAD\x10\x02\x12\x15\n\x11PUSH_STATUS_STALE\x10\x03\x12\x19\n\x15PUSH_STATUS_DUPLICATE\x10\x04\x12\x1d\n\x19PUSH_STATUS_TOO_FAR_AHEAD\x10\x05\x12\x1e\n\x1aPUSH_STATUS_NOT_HANDSHAKEN\x10\x06\x12\x19\n\x15PUSH_STATUS_MALFORMED\x10\x07\x12\x1e\n\x1aPUSH_STATUS_EPOCH_MISMATCH\x10\x08\x32\x87\x02\n\x06Gossip\x12\x44\n\tHandshake\x12\x1a.dpgan.v1.HandshakeRequest\x1a\x1b.dpgan.v1.HandshakeResponse\x12\x38\n\nPushVector\x12\x15.dpgan.v1.VectorChunk\x1a\x11.dpgan.v1.PushAck(\x01\x12=\n\nFetchState\x12\x16.dpgan.v1.StateRequest\x1a\x15.dpgan.v1.VectorChunk0\x01\x12>\n\x08\x41nnounce\x12\x1b.dpgan.v1.RoundAnnouncement\x1a\x15.dpgan.v1.AnnounceAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64pgan/v1/dpgan.proto\x12\x08\x64pgan.v1\"\x93\x02\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x19\n\x11\x61\x64vertise_address\x18\x03 \x01(\t\x12\x13\n\x0bschema_hash\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x18\n\x10membership_epoch\x18\x07 \x01(\x04\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12$\n\x06status\x18\t \x01(\x0b\x32\x14.dpgan.v1.PeerStatus\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x0e\n\x06run_id\x18\x0b \x01(\t\"\xaf\x01\n\nPeerStatus\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x1c\n\x14ready_from_iteration\x18\x02 \x01(\x04\x12\x10\n\x08training\x18\x03 \x01(\x08\x12\x11\n\titeration\x18\x04 \x01(\x04\x12\x13\n\x0bview_period\x18\x05 \x01(\r\x12\x0f\n\x07members\x18\x06 \x03(\t\x12\x19\n\x11stop_at_iteration\x18\x07 \x01(\x04\x12\x0e\n\x06paused\x18\x08 \x01(\x08\"\x9b\x02\n\x11HandshakeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x13\n\x0bschema_hash\x18\x05 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\x18\n\x10membership_epoch\x18\x08 \x01(\x04\x12\x15\n\ragent_version\x18\t \x01(\t\x12$\n\x06status\x18\n \x01(\x0b\x32\x14.dpgan.v1.PeerStatus\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12\x0e\n\x06run_id\x18\x0c \x01(\t\"\xdc\x01\n\x0cVectorHeader\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x18\n\x10membership_epoch\x18\x04 \x01(\x04\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.dpgan.v1.WireDtype\x12\x15\n\relement_count\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\r\x12\x0c\n\x04name\x18\t \x01(\t\x12\r\n\x05shape\x18\n \x03(\x04\"C\n\x0bVectorChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.dpgan.v1.VectorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"Q\n\x07PushAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.dpgan.v1.PushStatus\"H\n\x0cStateRequest\x12\x14\n\x0crequester_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"b\n\x11RoundAnnouncement\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x18\n\x10membership_epoch\x18\x04 \x01(\x04\"/\n\x0b\x41nnounceAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*p\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12WIRE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13WIRE_DTYPE_BFLOAT16\x10\x02\x12\x16\n\x12WIRE_DTYPE_FLOAT16\x10\x03*\xaa\x02\n\nPushStatus\x12\x1b\n\x17PUSH_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14PUSH_STATUS_ACCEPTED\x10\x01\x12\x1e\n\x1aPUSH_STATUS_BUFFERED_AHEAD\x10\x02\x12\x15\n\x11PUSH_STATUS_STALE\x10\x03\x12\x19\n\x15PUSH_STATUS_DUPLICATE\x10\x04\x12\x1d\n\x19PUSH_STATUS_TOO_FAR_AHEAD\x10\x05\x12\x1e\n\x1aPUSH_STATUS_NOT_HANDSHAKEN\x10\x06\x12\x19\n\x15PUSH_STATUS_MALFORMED\x10\x07\x12\x1e\n\x1aPUSH_STATUS_EPOCH_MISMATCH\x10\x08\x12\x19\n\x15PUSH_STATUS_FORBIDDEN\x10\t2\x87\x02\n\x06Gossip\x12\x44\n\tHandshake\x12\x1a.dpgan.v1.HandshakeRequest\x1a\x1b.dpgan.v1.HandshakeResponse\x12\x38\n\nPushVector\x12\x15.dpgan.v1.VectorChunk\x1a\x11.dpgan.v1.PushAck(\x01\x12=\n\nFetchState\x12\x16.dpgan.v1.StateRequest\x1a\x15.dpgan.v1.VectorChunk0\x01\x12>\n\x08\x41nnounce\x12\x1b.dpgan.v1.RoundAnnouncement\x1a\x15.dpgan.v1.AnnounceAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dpgan.v1.dpgan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREDTYPE']._serialized_start=1342
-  _globals['_WIREDTYPE']._serialized_end=1454
-  _globals['_PUSHSTATUS']._serialized_start=1457
-  _globals['_PUSHSTATUS']._serialized_end=1728
+  _globals['_WIREDTYPE']._serialized_start=1374
+  _globals['_WIREDTYPE']._serialized_end=1486
+  _globals['_PUSHSTATUS']._serialized_start=1489
+  _globals['_PUSHSTATUS']._serialized_end=1787
   _globals['_HANDSHAKEREQUEST']._serialized_start=35
-  _globals['_HANDSHAKEREQUEST']._serialized_end=294
-  _globals['_PEERSTATUS']._serialized_start=297
-  _globals['_PEERSTATUS']._serialized_end=472
-  _globals['_HANDSHAKERESPONSE']._serialized_start=475
-  _globals['_HANDSHAKERESPONSE']._serialized_end=742
-  _globals['_VECTORHEADER']._serialized_start=745
-  _globals['_VECTORHEADER']._serialized_end=965
-  _globals['_VECTORCHUNK']._serialized_start=967
-  _globals['_VECTORCHUNK']._serialized_end=1034
-  _globals['_PUSHACK']._serialized_start=1036
-  _globals['_PUSHACK']._serialized_end=1117
-  _globals['_STATEREQUEST']._serialized_start=1119
-  _globals['_STATEREQUEST']._serialized_end=1191
-  _globals['_ROUNDANNOUNCEMENT']._serialized_start=1193
-  _globals['_ROUNDANNOUNCEMENT']._serialized_end=1291
-  _globals['_ANNOUNCEACK']._serialized_start=1293
-  _globals['_ANNOUNCEACK']._serialized_end=1340
-  _globals['_GOSSIP']._serialized_start=1731
-  _globals['_GOSSIP']._serialized_end=1994
+  _globals['_HANDSHAKEREQUEST']._serialized_end=310
+  _globals['_PEERSTATUS']._serialized_start=313
+  _globals['_PEERSTATUS']._serialized_end=488
+  _globals['_HANDSHAKERESPONSE']._serialized_start=491
+  _globals['_HANDSHAKERESPONSE']._serialized_end=774
+  _globals['_VECTORHEADER']._serialized_start=777
+  _globals['_VECTORHEADER']._serialized_end=997
+  _globals['_VECTORCHUNK']._serialized_start=999
+  _globals['_VECTORCHUNK']._serialized_end=1066
+  _globals['_PUSHACK']._serialized_start=1068
+  _globals['_PUSHACK']._serialized_end=1149
+  _globals['_STATEREQUEST']._serialized_start=1151
+  _globals['_STATEREQUEST']._serialized_end=1223
+  _globals['_ROUNDANNOUNCEMENT']._serialized_start=1225
+  _globals['_ROUNDANNOUNCEMENT']._serialized_end=1323
+  _globals['_ANNOUNCEACK']._serialized_start=1325
+  _globals['_ANNOUNCEACK']._serialized_end=1372
+  _globals['_GOSSIP']._serialized_start=1790
+  _globals['_GOSSIP']._serialized_end=2053
 # @@protoc_insertion_point(module_scope)

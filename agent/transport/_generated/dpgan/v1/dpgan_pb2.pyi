@@ -25,6 +25,7 @@ class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_STATUS_NOT_HANDSHAKEN: _ClassVar[PushStatus]
     PUSH_STATUS_MALFORMED: _ClassVar[PushStatus]
     PUSH_STATUS_EPOCH_MISMATCH: _ClassVar[PushStatus]
+    PUSH_STATUS_FORBIDDEN: _ClassVar[PushStatus]
 WIRE_DTYPE_UNSPECIFIED: WireDtype
 WIRE_DTYPE_FLOAT32: WireDtype
 WIRE_DTYPE_BFLOAT16: WireDtype
@@ -38,9 +39,10 @@ PUSH_STATUS_TOO_FAR_AHEAD: PushStatus
 PUSH_STATUS_NOT_HANDSHAKEN: PushStatus
 PUSH_STATUS_MALFORMED: PushStatus
 PUSH_STATUS_EPOCH_MISMATCH: PushStatus
+PUSH_STATUS_FORBIDDEN: PushStatus
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "advertise_address", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id")
+    __slots__ = ("protocol_version", "node_id", "advertise_address", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id", "run_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,7 @@ class HandshakeRequest(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     advertise_address: str
@@ -61,7 +64,8 @@ class HandshakeRequest(_message.Message):
     agent_version: str
     status: PeerStatus
     instance_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., advertise_address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., advertise_address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
     __slots__ = ("ready", "ready_from_iteration", "training", "iteration", "view_period", "members", "stop_at_iteration", "paused")
@@ -84,7 +88,7 @@ class PeerStatus(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., ready_from_iteration: _Optional[int] = ..., training: _Optional[bool] = ..., iteration: _Optional[int] = ..., view_period: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., stop_at_iteration: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("accepted", "reason", "node_id", "protocol_version", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id")
+    __slots__ = ("accepted", "reason", "node_id", "protocol_version", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id", "run_id")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +100,7 @@ class HandshakeResponse(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     node_id: str
@@ -107,7 +112,8 @@ class HandshakeResponse(_message.Message):
     agent_version: str
     status: PeerStatus
     instance_id: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VectorHeader(_message.Message):
     __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape")

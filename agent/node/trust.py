@@ -1,0 +1,111 @@
+"""How an agent trusts its peers: the configuration's TLS keys turned into TransportSecurity, the node id
+they imply, and the refusal to run plaintext on a network (docs/security.md).
+
+Rules:
+- `tls_cert`, `tls_key` and `tls_ca` come together or not at all; each file is checked at start
+  (agent.security.certs.load_node_credentials) and every problem names the file.
+- With TLS the node id IS the certificate's common name: `--node-id` may repeat it, never differ.
+- Without TLS an agent listens only on loopback, unless the operator passes `--insecure`, which is then
+  logged once at start as a warning.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.core.config import TrainConfig
+from agent.security.certs import CertificateError, expires_soon, load_node_credentials
+from agent.transport.tls import TransportSecurity
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """What build_options needs: the transport security, the node id it fixes (None without TLS) and
+    the warnings to log once the agent's logger exists."""
+
+    security: TransportSecurity
+    node_id: str | None
+    warnings: tuple[str, ...] = ()
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; False for wildcards and every other address."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: assume it is reachable from the network
+
+
+def allowlist(value: str | None) -> frozenset[str] | None:
+    """The allow_node_ids key as a set; None when not given. ValueError when it lists nothing."""
+    if value is None:
+        return None
+    ids = frozenset(part.strip() for part in value.split(",") if part.strip())
+    if not ids:
+        raise ValueError("allow_node_ids: lists no node id (leave it out to admit every certificate)")
+    return ids
+
+
+def configure_trust(
+    config: TrainConfig, *, node_id: str | None, hosts: tuple[str, ...], insecure: bool
+) -> Trust:
+    """Check the TLS keys and the plaintext policy. `hosts`: the listen and advertise hosts.
+
+    Raises ValueError (naming the key, the flag or the file) when the keys are incomplete, a file is
+    unusable, --node-id contradicts the certificate, TLS and --insecure are both given, or plaintext is
+    asked for on a non-loopback address without --insecure.
+    """
+    paths = {"tls_cert": config.tls_cert, "tls_key": config.tls_key, "tls_ca": config.tls_ca}
+    given = [key for key, value in paths.items() if value]
+    allowed = allowlist(config.allow_node_ids)
+    if given and len(given) < len(paths):
+        missing = [f"--{key.replace('_', '-')}" for key in paths if key not in given]
+        raise ValueError(
+            f"TLS needs --tls-cert, --tls-key and --tls-ca together; missing {', '.join(missing)} "
+            "(create them with 'dpgan-agent certs init' and 'dpgan-agent certs issue')"
+        )
+    if not given:
+        if allowed is not None:
+            raise ValueError("allow_node_ids needs TLS: identities come from certificates (--tls-*)")
+        exposed = [host for host in hosts if not is_loopback_host(host)]
+        if exposed and not insecure:
+            raise ValueError(
+                f"refusing to serve plaintext gRPC on {exposed[0]}: anyone who reaches the port could join, "
+                "push parameters and read the model. Give --tls-cert, --tls-key and --tls-ca (see "
+                "'dpgan-agent certs --help'), or --insecure to accept that on a trusted network"
+            )
+        warnings = (
+            ("--insecure: plaintext gRPC on a network address; any host that reaches the port can join "
+             "this run, push parameters and read the model",)
+            if exposed
+            else ()
+        )
+        return Trust(TransportSecurity.insecure(), None, warnings)
+    if insecure:
+        raise ValueError("--insecure contradicts --tls-cert/--tls-key/--tls-ca; give one or the other")
+    try:
+        credentials = load_node_credentials(
+            Path(str(config.tls_cert)),
+            Path(str(config.tls_key)),
+            Path(str(config.tls_ca)),
+            flags={"cert": "--tls-cert", "key": "--tls-key", "ca": "--tls-ca"},
+        )
+    except CertificateError as error:
+        raise ValueError(str(error)) from None
+    if node_id is not None and node_id != credentials.node_id:
+        raise ValueError(
+            f"--node-id {node_id!r} differs from the node id in --tls-cert {config.tls_cert} "
+            f"({credentials.node_id!r}); with TLS a node is who its certificate says (drop --node-id)"
+        )
+    warnings: tuple[str, ...] = ()
+    if expires_soon(credentials, datetime.now(UTC)):
+        warnings = (
+            f"--tls-cert {config.tls_cert} expires at {credentials.not_valid_after.isoformat()}: issue a "
+            "new one ('dpgan-agent certs issue') and restart the agent before then",
+        )
+    return Trust(TransportSecurity(credentials, allowed), credentials.node_id, warnings)
