@@ -11,6 +11,9 @@ shared machine). Every process tunes malloc as the agent does at startup (agent.
 
     python bench/transport_throughput.py                 # 1, 16, 64 MiB, 7 repeats, 3 rounds
     python bench/transport_throughput.py --sizes-mb 16 --repeats 3 --rounds 1 --chunk-bytes 4194304
+
+The gRPC transports run twice, plaintext and over mutual TLS (certificates from a throwaway CA, as
+`dpgan-agent --local` makes); a second table gives TLS / plaintext throughput in the same round.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import platform
 import socket
 import statistics
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import NamedTuple
 
 import structlog
@@ -39,6 +44,7 @@ from agent.transport.identity import PeerIdentity
 from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES, MIB
 from agent.transport.server import GossipServer
+from agent.transport.tls import TransportSecurity
 
 SENDER_ID = "bench-sender"
 RECEIVER_ID = "bench-receiver"
@@ -57,6 +63,30 @@ def bench_identity(node_id: str) -> PeerIdentity:
         schema_hash="bench",
         config_hash="bench",
         config_json='{"bench": true}',
+    )
+
+
+def make_pki(folder: Path) -> None:
+    from agent.security.certs import create_ca, issue_node_certificate, write_certificate, write_private_key
+
+    ca_cert, ca_key = create_ca()
+    write_certificate(folder / "ca.crt", ca_cert)
+    write_private_key(folder / "ca.key", ca_key)
+    for node_id in (SENDER_ID, RECEIVER_ID):
+        cert, key = issue_node_certificate(ca_cert, ca_key, node_id)
+        write_certificate(folder / f"{node_id}.crt", cert)
+        write_private_key(folder / f"{node_id}.key", key)
+
+
+def security(pki: str | None, node_id: str) -> TransportSecurity:
+    """Mutual TLS as `node_id` with the certificates in folder `pki`; plaintext when it is None."""
+    if pki is None:
+        return TransportSecurity.insecure()
+    from agent.security.certs import load_node_credentials
+
+    folder = Path(pki)
+    return TransportSecurity(
+        load_node_credentials(folder / f"{node_id}.crt", folder / f"{node_id}.key", folder / "ca.crt")
     )
 
 
@@ -86,7 +116,7 @@ def start_process(*, target: Callable[..., None], args: tuple) -> mp.process.Bas
 # ---- gRPC -------------------------------------------------------------------------------------------
 
 
-def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection) -> None:
+def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection, pki: str | None) -> None:
     quiet_logs()
     keep_freed_memory()
     torch.set_num_threads(1)
@@ -111,7 +141,10 @@ def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection
         for size_mb in sizes_mb:
             inbox = Inbox(rounds_per_iteration=1)
             server = GossipServer(
-                identity=bench_identity(RECEIVER_ID), inbox=inbox, vector_length=element_count(size_mb)
+                identity=bench_identity(RECEIVER_ID),
+                inbox=inbox,
+                vector_length=element_count(size_mb),
+                security=security(pki, RECEIVER_ID),
             )
             await server.start()
             servers.append(server)
@@ -126,10 +159,15 @@ def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection
 
 
 def bench_grpc(
-    sizes_mb: list[int], repeats: int, chunk_bytes: int, wire_dtype: str, prepared: bool
+    sizes_mb: list[int],
+    repeats: int,
+    chunk_bytes: int,
+    wire_dtype: str,
+    prepared: bool,
+    pki: str | None = None,
 ) -> dict[int, Measured]:
     parent_end, child_end = mp.get_context("spawn").Pipe()
-    receiver = start_process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end))
+    receiver = start_process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end, pki))
     ports = parent_end.recv()
     timings: dict[int, list[float]] = {}
     sender_cpu: dict[int, float] = {}
@@ -138,7 +176,9 @@ def bench_grpc(
         for size_mb, port in zip(sizes_mb, ports, strict=True):
             vector = torch.randn(element_count(size_mb))
             source = prepare_vector(vector, wire_dtype) if prepared else vector
-            async with PeerClient(f"127.0.0.1:{port}", default_timeout=600) as client:
+            async with PeerClient(
+                f"127.0.0.1:{port}", default_timeout=600, security=security(pki, SENDER_ID)
+            ) as client:
                 await client.handshake(bench_identity(SENDER_ID))
                 samples, marks = [], []
                 for iteration in range(repeats + 1):
@@ -288,6 +328,8 @@ def main() -> None:
     torch.set_num_threads(1)  # every process gets one core; the receivers need theirs
     quiet_logs()
     keep_freed_memory()
+    pki = tempfile.mkdtemp(prefix="dpgan-bench-pki-")
+    make_pki(Path(pki))
 
     sizes, repeats, chunk_bytes, wire_dtype = (
         arguments.sizes_mb,
@@ -303,6 +345,14 @@ def main() -> None:
         (
             f"gRPC PushVector ({wire_dtype}, prepared once)",
             lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=True),
+        ),
+        (
+            f"gRPC PushVector ({wire_dtype}, prepare+CRC per push, mutual TLS)",
+            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=False, pki=pki),
+        ),
+        (
+            f"gRPC PushVector ({wire_dtype}, prepared once, mutual TLS)",
+            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=True, pki=pki),
         ),
         ("raw TCP socket", lambda: bench_tcp(sizes, repeats)),
         (GLOO, lambda: bench_gloo(sizes, repeats)),
@@ -337,6 +387,21 @@ def main() -> None:
                 f"| {name} | {size_mb} MiB | {median * 1e3:.1f} | {size_mb / median:.0f} | "
                 f"{statistics.median(ratios):.2f} | {sender_cpu * 1e3:.1f} / {receiver_cpu * 1e3:.1f} |"
             )
+    print()
+    print("| gRPC PushVector | vector | TLS / plaintext throughput (median of same-round ratios) |")
+    print("|---|---:|---:|")
+    for name, _ in transports:
+        if not name.endswith(", mutual TLS)"):
+            continue
+        plain = name.replace(", mutual TLS)", ")")
+        for size_mb in sizes:
+            ratios = [
+                statistics.median(result[plain][size_mb].seconds)
+                / statistics.median(result[name][size_mb].seconds)
+                for result in rounds
+            ]
+            label = plain.removeprefix("gRPC PushVector ")
+            print(f"| {label} | {size_mb} MiB | {statistics.median(ratios):.2f} |")
 
 
 if __name__ == "__main__":

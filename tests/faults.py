@@ -41,7 +41,9 @@ import torch
 
 from agent.checkpoint import load_checkpoint
 from agent.node.local import free_ports
+from agent.node.trust import is_loopback_host
 from tests.agents import CountingListener
+from tests.pki import Pki
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -252,7 +254,9 @@ class Node:
 
 class Cluster:
     """``count`` agents with static peers. On loopback by default; with ``netns`` (a started
-    tests.netns.NetnsCluster with at least ``count`` hosts) agent i runs on host hi at its eth0 address."""
+    tests.netns.NetnsCluster with at least ``count`` hosts) agent i runs on host hi at its eth0 address.
+    Agents that listen on a network address (namespaces, a wildcard) talk mutual TLS with certificates
+    from a CA in ``root/pki``, as a deployment does; loopback clusters talk plaintext."""
 
     def __init__(
         self,
@@ -269,6 +273,8 @@ class Cluster:
         self.flags = list(flags)
         self.netns = netns
         self.extra = extra or {}
+        tls = netns is not None or not is_loopback_host(listen_host)
+        self.pki = Pki.create(root / "pki") if tls else None
         if netns is not None:
             addresses = [f"{netns.hosts[i].address}:{NETNS_PORT}" for i in range(count)]
             listens = [f"0.0.0.0:{NETNS_PORT}"] * count
@@ -301,6 +307,7 @@ class Cluster:
             sys.executable, "-m", "agent.cli", "--listen", node.listen, "--advertise", node.advertise,
             "--node-id", node.node_id, "--peers", ",".join(node.peers), "--out", str(node.out),
             "--log-format", "json", *self.flags, *self.extra.get(node.index, []), *extra,
+            *(self.pki.flags(node.node_id) if self.pki is not None else []),
         ]  # fmt: skip
 
     def spawn(self, i: int, extra: Sequence[str] = ()) -> Node:

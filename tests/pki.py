@@ -34,6 +34,13 @@ class Pki:
         write_private_key(root / "ca.key", key)
         return cls(root, cert, key)
 
+    @classmethod
+    def at(cls, root: Path) -> Pki:
+        """The PKI in ``root``, created on first use (agents of one test share it)."""
+        if (root / "ca.crt").is_file():
+            return cls(root, (root / "ca.crt").read_bytes(), (root / "ca.key").read_bytes())
+        return cls.create(root)
+
     @property
     def ca_path(self) -> Path:
         return self.root / "ca.crt"

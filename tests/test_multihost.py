@@ -16,6 +16,7 @@ import pytest
 
 from agent.checkpoint import load_checkpoint
 from tests.agents import events_named, wait_for_event
+from tests.pki import Pki
 
 if TYPE_CHECKING:
     from tests.netns import NetnsCluster
@@ -37,6 +38,7 @@ def start_agent(cluster: NetnsCluster, host: str, out: Path, *flags: str) -> sub
     argv = [
         sys.executable, "-m", "agent.cli", "--listen", f"0.0.0.0:{PORT}", "--advertise", f"{address}:{PORT}",
         "--node-id", f"node-{host}", "--out", str(out), "--log-format", "json", *TRAINING, *flags,
+        *Pki.at(out.parent / "pki").flags(f"node-{host}"),
     ]  # fmt: skip
     return cluster.popen(host, argv, stdout=(out / "agent.log").open("w"), stderr=subprocess.STDOUT)
 
@@ -124,3 +126,26 @@ def test_static_peers_and_dns_names_work_without_multicast(netns_cluster, tmp_pa
     assert wait_codes(processes, 120) == [0, 0, 0]
     for host in cluster.hosts:
         assert full_view_at(tmp_path / host.name / "agent.log", 3) is not None
+
+
+def test_two_runs_on_one_multicast_network_never_mix(netns_cluster, tmp_path: Path) -> None:
+    """Two teams start the same configuration on one LAN, certificates from one CA, different run
+    ids: each pair finds only its own run by mDNS (the other run's records are ignored, logged once)
+    and trains as a 2-node cluster to the end."""
+    cluster = netns_cluster(4)
+    common = ["--iterations", "60", "--view-period", "5", "--min-peers", "1", "--settle", "3"]
+    runs = {"h0": "team-a", "h1": "team-a", "h2": "team-b", "h3": "team-b"}
+    processes = {
+        host: start_agent(cluster, host, tmp_path / host, *common, "--run-id", run)
+        for host, run in runs.items()
+    }
+    codes = {host: process.wait(timeout=180) for host, process in processes.items()}
+    assert codes == dict.fromkeys(runs, 0)
+    for host, run in runs.items():
+        log = tmp_path / host / "agent.log"
+        own = {f"node-{other}" for other, other_run in runs.items() if other_run == run}
+        views = [set(event["members"]) for event in events_named(log, "membership view")]
+        assert views and all(view == own for view in views), (host, views)
+        ignored = {event["peer"] for event in events_named(log, "ignoring an agent of another run")}
+        assert ignored == {f"node-{other}" for other, other_run in runs.items() if other_run != run}
+        assert load_checkpoint(tmp_path / host / "final.safetensors").iteration == 60
