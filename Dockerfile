@@ -10,9 +10,10 @@
 # only the host's NVIDIA driver (>= 580 for CUDA 13) is needed. TORCH_INDEX_URL overrides the choice, e.g.
 # --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 for an older driver.
 #
-# Offline torch: put torch's wheel and its dependencies' in wheels/ (not in git), e.g.
+# Local torch wheels: put a torch wheel and its dependencies in wheels/ (ignored by git), e.g.
 # `pip download torch==2.13.0 -d wheels`, and the build installs torch from there (--no-index) instead of
-# the index; without a torch wheel in wheels/ nothing changes. scripts/container_e2e.sh does this.
+# an index (a +cpu wheel serves only VARIANT=cpu); without one, nothing changes. scripts/container_e2e.sh
+# builds this way, where no PyTorch index can be reached.
 #
 # PID 1: tini runs as PID 1 and forwards SIGTERM/SIGINT to dpgan-agent, which stops at a round boundary,
 # checkpoints and exits 0. Without it the agent itself would be PID 1, and the kernel ignores a signal sent
@@ -32,21 +33,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# Optional local wheels: the glob lets the build go on when wheels/ is absent (README.md is always there).
-COPY README.md wheel[s] /wheels/
+# Optional local wheels: the glob matches nothing when wheels/ is absent, and one source that always
+# exists (pyproject.toml) keeps COPY valid then for every builder (BuildKit, buildah/podman, classic).
+COPY pyproject.toml wheel[s] /wheels/
 # torch first, pinned, from wheels/ or the variant's index: `pip install .` alone would pull the multi-GB
 # CUDA build.
 RUN case "${VARIANT}" in \
-      cpu) default_index=https://download.pytorch.org/whl/cpu ;; \
-      gpu) default_index=https://download.pytorch.org/whl/cu130 ;; \
+      cpu) default_index=https://download.pytorch.org/whl/cpu; not_for_variant="" ;; \
+      gpu) default_index=https://download.pytorch.org/whl/cu130; not_for_variant="*+cpu*" ;; \
       *) echo "VARIANT must be cpu or gpu, got '${VARIANT}'" >&2; exit 1 ;; \
     esac \
-    && if compgen -G "/wheels/torch-${TORCH_VERSION}[+-]*.whl" > /dev/null; then \
+    && if [ -n "$(find /wheels -maxdepth 1 -name "torch-${TORCH_VERSION}*.whl" ! -name "${not_for_variant}")" ]; then \
          pip install --no-cache-dir --no-index --find-links /wheels "torch==${TORCH_VERSION}"; \
        else \
          pip install --no-cache-dir --index-url "${TORCH_INDEX_URL:-${default_index}}" "torch==${TORCH_VERSION}"; \
-       fi \
-    && rm -rf /wheels
+       fi
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agent ./agent

@@ -35,7 +35,7 @@
 #
 # The checks are small functions (wait_all_training, check_stopped, wait_all_finished, ...): adapt them
 # when the compose file changes (agents that stay up once finished, init services, node ids).
-set -euo pipefail
+set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${DPGAN_E2E_WORK:-/var/tmp/dpgan-e2e}
@@ -309,7 +309,7 @@ debian_mirror() {
         /^[[:space:]]*#/ {next}
         $1 == "URIs:" { for (i = 2; i <= NF; i++) print $i }
         $1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { print $i; break } }
-    ' | grep -v -- '-security' | head -n 1
+    ' | grep -v -- '-security' | head -n 1 || true
 }
 
 build_base_image() {
@@ -443,6 +443,8 @@ cleanup() {
 
 main() {
     trap cleanup EXIT
+    # A command of this script failing unexpectedly (set -e) must say what it was.
+    trap 'log "unexpected failure: \"$BASH_COMMAND\" exited $? (line $LINENO)"' ERR
     log "dpgan container check: $REPLICAS replicas, $ITERATIONS iterations, image $IMAGE, log $LOG"
     [[ $(id -u) == 0 ]] || environment_failure "rootful podman needs root (running as uid $(id -u))"
     command -v apt-get >/dev/null || environment_failure "no apt-get (this check expects Debian)"

@@ -413,17 +413,41 @@ def _dockerignore_excludes(path: str) -> bool:
     return excluded
 
 
+def _copy_sources() -> list[list[str]]:
+    """The context sources of every COPY (not --from=), one list per instruction."""
+    return [
+        [arg for arg in rest.split()[:-1] if not arg.startswith("--")]
+        for keyword, rest in _dockerfile_instructions()
+        if keyword == "COPY" and "--from=" not in rest
+    ]
+
+
 def test_build_context_holds_what_the_dockerfile_copies() -> None:
-    copied = []
-    for keyword, rest in _dockerfile_instructions():
-        if keyword == "COPY" and "--from=" not in rest:
-            copied += [arg for arg in rest.split()[:-1] if not arg.startswith("--")]
+    copied = [source for sources in _copy_sources() for source in sources]
     assert {"pyproject.toml", "README.md", "agent"} <= set(copied)
     for source in copied:
+        if any(character in source for character in "*?["):
+            continue  # an optional source (wheel[s]): test_optional_local_wheels covers it
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert not _dockerignore_excludes(source), f"COPY {source}: excluded by .dockerignore"
-    for kept_out in ("tests", "runs", ".git", "bench", "agent/__pycache__"):
+    for kept_out in ("tests", "runs", ".git", "bench", "agent/__pycache__", "scripts", "k8s"):
         assert _dockerignore_excludes(kept_out), f"{kept_out} would be sent to the Docker daemon"
+
+
+def test_optional_local_wheels_install_torch_without_an_index() -> None:
+    """wheels/ (ignored by git) may hold torch's wheels: the build installs torch from it, offline."""
+    (wheels_copy,) = [sources for sources in _copy_sources() if "wheel[s]" in sources]
+    # A glob that matches nothing is an error for some builders unless another source always exists.
+    assert any((ROOT / source).is_file() for source in wheels_copy if source != "wheel[s]")
+    wheel = "wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert not _dockerignore_excludes(wheel), "the wheels must reach the build context"
+    assert _dockerignore_excludes("wheels/notes.txt"), "only wheels from wheels/"
+    runs = [rest for keyword, rest in _dockerfile_instructions() if keyword == "RUN"]
+    torch_step = next(rest for rest in runs if "torch==" in rest)
+    assert "--no-index --find-links /wheels" in torch_step
+    assert "download.pytorch.org/whl/cpu" in torch_step, "without wheels: the index, as before"
+    ignored = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()]
+    assert "/wheels/" in ignored or "wheels/" in ignored, "wheels/ must stay out of git"
 
 
 # ---- compose structure -----------------------------------------------------------------------------

@@ -92,3 +92,41 @@ def test_helpers() -> None:
     assert allowlist(None) is None and allowlist("a,b") == frozenset({"a", "b"})
     with pytest.raises(ValueError, match="lists no node id"):
         allowlist(" , ")
+
+
+def test_a_node_id_file_keeps_the_identity_across_restarts(tmp_path: Path) -> None:
+    from agent.node.trust import persistent_node_id
+
+    path = tmp_path / "data" / "node-id"
+    first = persistent_node_id(path, None)  # the hostname, written down
+    assert path.read_text().strip() == first
+    assert persistent_node_id(path, None) == first
+    assert persistent_node_id(path, first) == first
+    with pytest.raises(ValueError, match="contradicts --node-id-file"):
+        persistent_node_id(path, "someone-else")
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="the file is empty"):
+        persistent_node_id(path, None)
+    named = tmp_path / "named"
+    assert persistent_node_id(named, "replica-3") == "replica-3" and named.read_text() == "replica-3\n"
+
+
+def test_tls_issue_from_gives_a_node_its_own_certificate_once(tmp_path: Path, pki: Pki) -> None:
+    out = tmp_path / "out"
+    argv = [*BASE, "--listen", "0.0.0.0:6000", "--advertise", "10.1.2.3:6000", "--out", str(out)]
+    argv += [
+        "--node-id-file",
+        str(out / "node-id"),
+        "--node-id",
+        "replica-1",
+        "--tls-issue-from",
+        str(pki.root),
+    ]
+    chosen = options(argv)
+    assert chosen.node_id == "replica-1" and chosen.security.enabled
+    cert = out / "tls" / "replica-1.crt"
+    before = cert.read_bytes()
+    again = options([a for a in argv if a not in ("--node-id", "replica-1")])  # the file names it now
+    assert again.node_id == "replica-1" and cert.read_bytes() == before  # kept while valid
+    with pytest.raises(ValueError, match="issues --tls-cert and --tls-key itself"):
+        options([*argv, *pki.flags("replica-1")])

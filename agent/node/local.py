@@ -66,6 +66,8 @@ REFUSED_FLAGS = {
     "--dns-name": "the agents know each other from static --peers (no DNS)",
     "--dns-interval": "the agents know each other from static --peers (no DNS)",
     "--node-id": "the agents are named node-0 ... node-<N-1>",
+    "--node-id-file": "the agents are named node-0 ... node-<N-1>",
+    "--tls-issue-from": "the launcher issues each agent a certificate from a throwaway CA in <out>/tls",
     "--log-format": "the launcher reads its agents' JSON logs (kept in <out>/node-<i>/agent.log)",
 }
 # Configuration keys a --local cluster decides itself, as flags or in a --config file.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -51,6 +52,19 @@ def agent_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--node-id",
         help="stable unique node id (default: the common name of --tls-cert, else the advertised address)",
+    )
+    parser.add_argument(
+        "--node-id-file",
+        type=Path,
+        help="keep the node id in this file (first start: --node-id or the hostname), so a container "
+        "re-created over the same data volume keeps its identity",
+    )
+    parser.add_argument(
+        "--tls-issue-from",
+        type=Path,
+        metavar="CA_DIR",
+        help="issue this node's certificate at start from CA_DIR/ca.crt and ca.key into <out>/tls (kept "
+        "while valid); for single-host clusters whose nodes share one trust domain (compose)",
     )
     parser.add_argument(
         "--insecure",
@@ -156,7 +170,7 @@ def _positive(value: float, what: str) -> None:
 
 def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN201 - AgentOptions (lazy)
     from agent.node.options import AgentOptions
-    from agent.node.trust import configure_trust
+    from agent.node.trust import configure_trust, issue_own_certificate, persistent_node_id
 
     host, port = split_host_port(args.listen, "--listen")
     if port == 0 and args.advertise in (None, "", "auto"):
@@ -172,13 +186,24 @@ def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN20
         raise ValueError(f"--peers lists this agent's own address {advertise}")
     if len(set(peers)) != len(peers):
         raise ValueError("--peers lists an address twice")
+    given_id = args.node_id
+    if args.node_id_file is not None:
+        given_id = persistent_node_id(args.node_id_file, args.node_id)
+    if args.tls_issue_from is not None:
+        if config.tls_cert or config.tls_key:
+            raise ValueError("--tls-issue-from issues --tls-cert and --tls-key itself; give one or the other")
+        if given_id is None:
+            raise ValueError("--tls-issue-from needs the node id first: give --node-id or --node-id-file")
+        folder = (args.out or Path("runs") / f"agent-{given_id}") / "tls"
+        cert, key, ca = issue_own_certificate(args.tls_issue_from, given_id, folder)
+        config = dataclasses.replace(config, tls_cert=cert, tls_key=key, tls_ca=config.tls_ca or ca)
     trust = configure_trust(
         config,
-        node_id=args.node_id,
+        node_id=given_id,
         hosts=(host, split_host_port(advertise, "--advertise")[0]),
         insecure=args.insecure,
     )
-    node_id = check_node_id(trust.node_id or args.node_id or advertise)
+    node_id = check_node_id(trust.node_id or given_id or advertise)
     for value, what in ((args.checkpoint_every, "--checkpoint-every"), (args.log_every, "--log-every")):
         _positive(value, what)
     _positive(args.round_timeout, "--round-timeout")

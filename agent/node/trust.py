@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,3 +110,62 @@ def configure_trust(
             "new one ('dpgan-agent certs issue') and restart the agent before then",
         )
     return Trust(TransportSecurity(credentials, allowed), credentials.node_id, warnings)
+
+
+def persistent_node_id(path: Path, given: str | None) -> str:
+    """The node id kept in `path` (--node-id-file), so a container re-created over the same data volume
+    keeps its identity whatever its new hostname or address.
+
+    The file's id wins; `given` (--node-id) must then agree with it. Without the file, the id is
+    `given`, else this host's name (a compose replica's container name, a pod's name), and it is written
+    to `path` before the agent starts. ValueError naming the file when it is unreadable, empty,
+    contradicts --node-id, or no id can be chosen.
+    """
+    from agent.core.membership import MembershipError, check_node_id
+    from agent.files import write_atomic
+
+    try:
+        stored = path.read_text().strip() if path.exists() else None
+    except OSError as error:
+        raise ValueError(f"--node-id-file {path}: cannot read it: {error.strerror}") from None
+    if stored is not None:
+        if not stored:
+            raise ValueError(f"--node-id-file {path}: the file is empty (delete it to choose a new id)")
+        if given is not None and given != stored:
+            raise ValueError(
+                f"--node-id {given!r} contradicts --node-id-file {path} ({stored!r}): a node keeps its id "
+                "for its data; drop --node-id, or delete the file to rename the node"
+            )
+        chosen = stored
+    else:
+        chosen = given or socket.gethostname().split(".")[0]
+    try:
+        check_node_id(chosen)
+    except MembershipError as error:
+        raise ValueError(f"--node-id-file {path}: {error}") from None
+    if stored is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (chosen + "\n").encode())
+    return chosen
+
+
+def issue_own_certificate(ca_dir: Path, node_id: str, folder: Path) -> tuple[str, str, str]:
+    """--tls-issue-from: this node's certificate from the CA key in `ca_dir`, kept in `folder` and
+    re-issued only when missing, expired (or about to), for another id or from another CA. Returns the
+    (cert, key, CA) paths. For clusters whose nodes share one trust domain (compose on one host): every
+    node that holds the CA key can mint any identity. ValueError naming the problem."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from agent.security.certs import node_file_stem
+    from agent.security.cli import certs_main
+
+    output = StringIO()
+    with redirect_stdout(output):
+        code = certs_main(
+            ["issue", "--node-id", node_id, "--ca-dir", str(ca_dir), "--out", str(folder), "--exist-ok"]
+        )
+    if code != 0:
+        raise ValueError(f"--tls-issue-from {ca_dir}: could not issue a certificate for {node_id!r}")
+    stem = node_file_stem(node_id)
+    return str(folder / f"{stem}.crt"), str(folder / f"{stem}.key"), str(ca_dir / "ca.crt")
