@@ -7,7 +7,8 @@ One format for the simulator's ``node-<i>/final.safetensors`` and the agent's pe
 * ``optimizer.direction``, ``optimizer.moment1``, ``optimizer.moment2``: the algorithm's local state;
 * ``rng.stream``: the node's torch.Generator state (uint8), so a resumed run draws the same batches;
 * metadata: ``config`` (JSON), ``iteration``, ``step``, ``algorithm``, ``schema_hash``, ``format`` and
-  ``sha256``, a SHA-256 over every tensor (name, dtype, shape, bytes) and every other metadata entry.
+  ``sha256``, a SHA-256 over every tensor (name, dtype, shape, bytes) and every other metadata entry;
+  optionally ``run_id``, the run the node trained in (written since it existed; older files lack it).
 
 A write goes to a temporary file in the same folder, is fsynced, then renamed over the target, so a
 crash mid-write leaves the previous checkpoint intact. A read refuses, naming the file, anything
@@ -39,6 +40,7 @@ FORMAT_VERSION = "dpgan-checkpoint-1"
 OPTIMIZER_PREFIX = "optimizer."
 RNG_KEY = "rng.stream"
 CHECKSUM_KEY = "sha256"
+RUN_ID_KEY = "run_id"  # optional: absent in files written before it existed
 CHECKPOINT_NAME = "checkpoint.safetensors"  # the newest checkpoint of a series
 DEFAULT_KEEP = 3
 _NUMBERED = re.compile(r"^checkpoint-(\d+)\.safetensors$")
@@ -59,6 +61,7 @@ class Checkpoint:
     schema_hash: str
     algorithm: str
     unverified: bool = False  # read from a file written before checkpoints carried a checksum
+    run_id: str | None = None  # the run the node trained in; None: written before it was stored
 
 
 def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -89,6 +92,8 @@ def serialize(checkpoint: Checkpoint) -> bytes:
         "schema_hash": checkpoint.schema_hash,
         "algorithm": checkpoint.algorithm,
     }
+    if checkpoint.run_id is not None:
+        metadata[RUN_ID_KEY] = checkpoint.run_id
     metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
     return save(tensors, metadata=metadata)
 
@@ -150,6 +155,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         schema_hash=metadata.get("schema_hash", ""),
         algorithm=metadata.get("algorithm", ""),
         unverified=stored is None,
+        run_id=metadata.get(RUN_ID_KEY),
     )
 
 

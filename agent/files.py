@@ -21,6 +21,10 @@ RUN_FILE_PATTERNS = (
     "samples-*.png",
 )
 
+# Where --on-config-change new-run moves a previous run (``<out>/previous/<run>-<UTC time>/``). Like the
+# ``tls/`` certificates a --local cluster keeps, nothing in a subfolder counts as the run in --out.
+PREVIOUS_FOLDER = "previous"
+
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what write_atomic's mkstemp call names
 
 
@@ -58,10 +62,18 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 
 def previous_run_files(folder: Path) -> list[Path]:
-    """The files of an earlier run in ``folder`` (checkpoints, final model, metrics, summary, samples)."""
+    """The files of an earlier run in ``folder`` (checkpoints, final model, metrics, summary, samples).
+
+    Only files directly in ``folder`` count: runs moved aside into ``previous/`` and the ``tls/``
+    certificates are not a run in ``folder``."""
     if not folder.is_dir():
         return []
-    found = {path for pattern in RUN_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()}
+    found = {
+        path
+        for pattern in RUN_FILE_PATTERNS
+        for path in folder.glob(pattern)
+        if path.parent == folder and path.is_file()
+    }
     return sorted(found)
 
 

@@ -31,7 +31,9 @@
 #
 # Knobs (environment): DPGAN_E2E_ITERATIONS (default 1200), DPGAN_E2E_REPLICAS (4), DPGAN_E2E_WORK
 # (/var/tmp/dpgan-e2e: log, override file, copied results), DPGAN_E2E_LOG, DPGAN_E2E_IMAGE
-# (localhost/dpgan-agent:e2e), DPGAN_E2E_KEEP=1 (leave the cluster up after a failure, to look at it).
+# (localhost/dpgan-agent:e2e), DPGAN_E2E_KEEP=1 (leave the cluster up after a failure, to look at it),
+# DPGAN_E2E_AGENT_ARGS (diagnostics: arguments appended to the compose command, e.g. "--insecure"; CI
+# leaves it empty so that the files are checked as they are shipped).
 #
 # The checks are small functions (wait_all_training, check_stopped, wait_all_finished, ...): adapt them
 # when the compose file changes (agents that stay up once finished, init services, node ids).
@@ -45,6 +47,7 @@ BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 TORCH_VERSION=${DPGAN_E2E_TORCH_VERSION:-2.13.0}
 REPLICAS=${DPGAN_E2E_REPLICAS:-4}
 ITERATIONS=${DPGAN_E2E_ITERATIONS:-1200}
+AGENT_ARGS=${DPGAN_E2E_AGENT_ARGS:-}
 PROJECT=dpgan-e2e
 SERVICE=dpgan
 STATE_DIR=/var/lib/dpgan
@@ -53,19 +56,19 @@ EXIT_PRODUCT=1
 EXIT_ENVIRONMENT=3
 
 # Timeouts, seconds.
-T_APT=600
-T_DEBOOTSTRAP=600
+T_APT=300
+T_DEBOOTSTRAP=300
 T_SMOKE=120
-T_BUILD=900
+T_BUILD=600
 T_SERVICE=30
 T_UP=180
 T_TRAINING=240
 T_HEALTHCHECK=30
 T_STOP=150
-T_FINISH=420
+T_FINISH=300
 T_DOWN=120
 
-mkdir -p "$WORK"
+mkdir -p "$WORK" "$(dirname "$LOG")"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
 
@@ -165,6 +168,9 @@ wait_all_training() {
     while true; do
         pending=()
         for name in $(containers); do
+            if [[ $(restarts_of "$name") != 0 ]]; then
+                product_failure "$name crashed before training (restarted $(restarts_of "$name") times)"
+            fi
             if [[ $(state_of "$name") != running ]]; then
                 product_failure "$name is $(state_of "$name") (exit $(exit_code_of "$name")) before training"
             fi
@@ -262,10 +268,22 @@ check_finished() {
         node=$(summary_field "$dir/summary.json" node)
         nodes+=("$node")
         log "$name finished: node $node, iteration $ITERATIONS, state $(state_of "$name")"
+        note_identity "$name" "$node"
     done
     [[ ${#nodes[@]} -eq $REPLICAS ]] || product_failure "expected $REPLICAS replicas, found ${#nodes[@]}"
     if [[ $(printf '%s\n' "${nodes[@]}" | sort -u | wc -l) -ne $REPLICAS ]]; then
         product_failure "replicas share results: node ids ${nodes[*]}"
+    fi
+}
+
+# A replica whose node id changed across the stop/start (with --advertise auto the id is the address,
+# and podman gives a restarted container a new one): noted, not failed, while the compose file derives
+# node ids from addresses.
+note_identity() {
+    local name=$1 node=$2 before
+    before=$(summary_field "$WORK/results/stopped/$name/summary.json" node)
+    if [[ $before != "$node" ]]; then
+        log "NOTE: $name changed node id across compose stop/start: $before -> $node"
     fi
 }
 
@@ -344,8 +362,9 @@ build_base_image() {
 }
 
 smoke_test() {
-    timeout "$T_SMOKE" podman run --rm --pull=never "$BASE_IMAGE" true \
-        || environment_failure "podman run --rm $BASE_IMAGE true failed"
+    local output
+    output=$(timeout "$T_SMOKE" podman run --rm --pull=never "$BASE_IMAGE" true 2>&1) \
+        || environment_failure "podman run --rm $BASE_IMAGE true failed: $(tail -n 3 <<<"$output")"
     log "podman runs containers"
 }
 
@@ -405,6 +424,18 @@ configs:
   cluster:
     file: $WORK/cluster.e2e.yaml
 EOF
+    [[ -n $AGENT_ARGS ]] || return 0
+    # Diagnostics only: the compose command as the files render it, plus DPGAN_E2E_AGENT_ARGS.
+    local rendered
+    rendered=$(compose config --format json) || product_failure "compose config failed"
+    python3 -c '
+import json, shlex, sys
+service, extra = sys.argv[1], shlex.split(sys.argv[2])
+text = sys.stdin.read()
+command = json.loads(text[text.index("{"):])["services"][service]["command"]
+print(f"services:\n  {service}:\n    command: {json.dumps(command + extra)}")
+' "$SERVICE" "$AGENT_ARGS" <<<"$rendered" >>"$WORK/compose.e2e.yaml" || product_failure "cannot extend the compose command"
+    log "DPGAN_E2E_AGENT_ARGS: the agents run with extra arguments: $AGENT_ARGS"
 }
 
 # ---- cleanup ----------------------------------------------------------------------------------------------
@@ -445,6 +476,7 @@ main() {
     trap cleanup EXIT
     # A command of this script failing unexpectedly (set -e) must say what it was.
     trap 'log "unexpected failure: \"$BASH_COMMAND\" exited $? (line $LINENO)"' ERR
+    trap 'log "interrupted"; exit 130' INT TERM
     log "dpgan container check: $REPLICAS replicas, $ITERATIONS iterations, image $IMAGE, log $LOG"
     [[ $(id -u) == 0 ]] || environment_failure "rootful podman needs root (running as uid $(id -u))"
     command -v apt-get >/dev/null || environment_failure "no apt-get (this check expects Debian)"

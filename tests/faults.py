@@ -861,7 +861,7 @@ class StalledStreams:
             request = pb.HandshakeRequest(
                 protocol_version=first.protocol_version, node_id=self.node_id, advertise_address=dead,
                 schema_hash=first.schema_hash, config_hash=first.config_hash, config_json=first.config_json,
-                membership_epoch=first.membership_epoch, agent_version="faults-harness",
+                membership_epoch=first.membership_epoch, agent_version="faults-harness", run_id=first.run_id,
                 status=pb.PeerStatus(view_period=first.status.view_period or 10),
             )  # fmt: skip
             answer = await stub.Handshake(request)

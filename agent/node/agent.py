@@ -10,7 +10,9 @@ compute thread so the gRPC server stays responsive while a step computes.
 The lifecycle is a loop over sessions (docs/membership.md): wait for peers, *enter* (found a view, or
 join a running cluster by fetching a member's state at a boundary), train until the run ends, a stop is
 agreed, the node is isolated (pause, then enter again once peers answer) or it is out of step (enter
-again through the peer ``resync_source`` names).
+again through the peer ``resync_source`` names). Before the first session ``agent.node.runs`` prepares
+--out (resume, a finished run, a run of another configuration); after the last one ``agent.node.finished``
+exits or, with --when-finished serve, keeps serving the finished run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from agent.checkpoint import Checkpoint, CheckpointError, load_latest, save_checkpoint, save_series
+from agent.checkpoint import Checkpoint, save_checkpoint, save_series
 from agent.core.algorithms import (
     AlgorithmName,
     NodeState,
@@ -44,9 +46,9 @@ from agent.core.membership import (
     is_boundary,
 )
 from agent.discovery import TXT_RUN, PeerTable, build_discovery
-from agent.files import clear_run_files, remove_stale_temporaries
 from agent.logs import get_logger
 from agent.node.entry import ClusterEntry
+from agent.node.finished import FinishedRun
 from agent.node.gossip import GossipRounds, RoundSettings, Traffic
 from agent.node.options import (
     AgentError,
@@ -57,7 +59,8 @@ from agent.node.options import (
     describe_security,
 )
 from agent.node.peers import CandidateSource, PeerRegistry
-from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_iteration, finished_summary
+from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_summary
+from agent.node.runs import prepare_run_folder
 from agent.node.state import snapshot_of
 from agent.node.stopping import StopCoordinator
 from agent.node.views import ViewController
@@ -150,6 +153,7 @@ class PeerAgent:
         self.resume_checkpoint: tuple[Path, Checkpoint] | None = None
         self._relay_task: asyncio.Future[None] | None = None
         self.entry = ClusterEntry(self)
+        self.finished = FinishedRun(self)
         # All torch work runs on this one thread, off the event loop that serves gRPC: steps, mixing,
         # encoding, evaluation and checkpoints never overlap, and the thread keeps its torch settings.
         self.compute = ThreadPoolExecutor(
@@ -217,6 +221,8 @@ class PeerAgent:
         )
 
     def _handshake_policy(self, request: pb.HandshakeRequest) -> tuple[bool, str]:
+        if self.finished.serving:
+            return self.finished.handshake_policy(request)
         period = request.status.view_period
         if period and period != self.options.view_period:
             return False, f"view_period differs: local {self.options.view_period}, peer {period}"
@@ -404,6 +410,7 @@ class PeerAgent:
 
     async def run(self) -> dict[str, Any]:
         self.options.out.mkdir(parents=True, exist_ok=True)
+        await self.finished.register()
         await self.server.start()
         self.log.info(
             "listening",
@@ -415,60 +422,24 @@ class PeerAgent:
         if isinstance(self.source, PeerTable):
             await self.source.start()
         try:
-            finished = self._load_resume_checkpoint()
-            if finished is not None:
-                return finished_summary(self.options.out, finished)
+            # --out prepared (agent/node/runs.py): a finished run is kept as it is, else resumed or new.
+            prepared = prepare_run_folder(self.options, self.config, self.problem, self.log)
+            if prepared.finished is not None:
+                summary = finished_summary(self.options.out, prepared.finished[1].iteration)
+                return await self.finished.after(summary, prepared.finished)
+            if prepared.resume is not None:
+                # Peers see where we are at once: a differing set of checkpoints reconciles.
+                self.resume_checkpoint = prepared.resume
+                self.iteration = prepared.resume[1].iteration
             self.registry.start()
             await self.entry.await_peers(self.entry.needed_peers(), self.options.startup_timeout)
             await self.entry.settle()
-            return await self.train()
+            return await self.finished.after(await self.train())  # --when-finished serve waits here
         except StopRequested:
             self.log.info("stopped before training started")
             return {"finished": False, "iterations": self.iteration, "final": {}}
         finally:
             await self.shutdown()
-
-    def _load_resume_checkpoint(self) -> int | None:
-        """Prepare --out: clear temporary files of interrupted writes, clear a replaced run's results
-        (--overwrite), and for --resume load the newest checkpoint that verifies, warning about every newer
-        one that did not. Returns the final iteration when --resume finds the run finished (its results
-        stay as they are), else None."""
-        out = self.options.out
-        stale = remove_stale_temporaries(out)
-        if stale:
-            self.log.info("removed temporary files of interrupted writes", files=[p.name for p in stale])
-        if self.options.overwrite and not self.options.resume:
-            removed = clear_run_files(out)
-            if removed:
-                self.log.warning(
-                    "--overwrite: removed the previous run's results", files=[p.name for p in removed]
-                )
-        if not self.options.resume:
-            return None
-        assert self.config.iterations is not None
-        done = finished_iteration(out, self.config.iterations)
-        if done is not None:
-            self.log.info("run already finished; keeping its results", iteration=done, out=str(out))
-            return done
-        latest = load_latest(out)
-        if latest is None:
-            self.log.info("no checkpoint to resume from; starting fresh", path=str(out / CHECKPOINT_NAME))
-            return None
-        for path, why in latest.rejected:
-            self.log.warning("checkpoint refused; falling back to an older one", path=str(path), error=why)
-        if latest.checkpoint.unverified:
-            self.log.warning(
-                "checkpoint has no checksum (written by an older version); accepted unverified",
-                path=str(latest.path),
-            )
-        if latest.checkpoint.schema_hash == self.problem.layout.schema_hash():  # else restore_state refuses
-            try:
-                self.problem.layout.flatten(latest.checkpoint.parameters)
-            except ValueError as error:
-                raise CheckpointError(f"checkpoint {latest.path} does not fit this model: {error}") from error
-        self.resume_checkpoint = (latest.path, latest.checkpoint)
-        self.iteration = latest.checkpoint.iteration  # peers see where we are: a differing set reconciles
-        return None
 
     def checkpoint(self, name: str) -> None:
         """Write ``name`` in --out; the periodic/stop checkpoint (CHECKPOINT_NAME) goes to the series that

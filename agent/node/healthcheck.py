@@ -1,9 +1,15 @@
 """``python -m agent.node.healthcheck --address 127.0.0.1:5000 [--timeout 2]``: probe an agent's health.
 
 Calls the standard gRPC health service (``grpc.health.v1.Health/Check``) that every agent serves on
-its gossip port, prints the answer and exits 0 when it is SERVING (the agent is training), 1 otherwise
-(NOT_SERVING: still waiting for peers or stopping; or no answer within ``--timeout``). Container
+its gossip port, prints the answer and exits 0 when it is SERVING (the agent is training, or serves
+its finished run under ``--when-finished serve``), 1 otherwise (NOT_SERVING: still waiting for peers,
+paused or stopping; or no answer within ``--timeout``). Container
 health checks (Dockerfile HEALTHCHECK, compose) and probes that cannot speak gRPC themselves use it.
+
+``--finished`` asks whether the run is finished instead: an agent registers the health service
+``dpgan.v1.Run.finished``, NOT_SERVING while the run goes on and SERVING once it is finished (an agent
+started with ``--when-finished serve`` keeps answering then); it prints ``finished`` or ``training`` and
+exits 0 only when finished.
 
 ``--alive`` relaxes the test to "the health service answers at all", whatever the status: a liveness
 check that must not restart an agent merely because it is still waiting for its peers, yet catches one
@@ -29,6 +35,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
+
+# The health service that says whether the agent's run is finished (SERVING) or not (NOT_SERVING).
+FINISHED_HEALTH_SERVICE = "dpgan.v1.Run.finished"
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 # A probe must reach the address it is given, never an HTTP proxy from the environment.
@@ -91,8 +100,15 @@ def parser() -> argparse.ArgumentParser:
     result.add_argument(
         "--timeout", type=_positive_seconds, default=2.0, help="seconds to wait for the answer (default 2)"
     )
-    result.add_argument(
+    asked = result.add_mutually_exclusive_group()
+    asked.add_argument(
         "--service", default="", help="health service name to ask about (default: the whole server)"
+    )
+    asked.add_argument(
+        "--finished",
+        action="store_true",
+        help=f"ask whether the run is finished (service {FINISHED_HEALTH_SERVICE}): print 'finished' or "
+        "'training', exit 0 only when finished",
     )
     for name, what in (("cert", "this node's certificate"), ("key", "its key"), ("ca", "the cluster CA")):
         variable = f"DPGAN_TLS_{name.upper()}"
@@ -124,12 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
             return EXIT_UNHEALTHY
         tls = (cert, key, ca)
+    service = FINISHED_HEALTH_SERVICE if args.finished else args.service
     try:
-        status = check(args.address, args.timeout, args.service, tls)
+        status = check(args.address, args.timeout, service, tls)
     except HealthCheckFailed as error:
         print(f"{args.address}: unreachable ({error})")
         return EXIT_UNHEALTHY
-    print(f"{args.address}: {status}")
+    if args.finished:
+        print(f"{args.address}: {'finished' if status == 'SERVING' else 'training'}")
+    else:
+        print(f"{args.address}: {status}")
     return EXIT_HEALTHY if status == "SERVING" or args.alive else EXIT_UNHEALTHY
 
 

@@ -69,6 +69,9 @@ REFUSED_FLAGS = {
     "--node-id-file": "the agents are named node-0 ... node-<N-1>",
     "--tls-issue-from": "the launcher issues each agent a certificate from a throwaway CA in <out>/tls",
     "--log-format": "the launcher reads its agents' JSON logs (kept in <out>/node-<i>/agent.log)",
+    "--when-finished": "the launcher waits for its agents to exit, then writes the cluster's results",
+    "--on-config-change": "the cluster's own results in <out> would not move with the agents' runs; "
+    "choose a new --out",
 }
 # Configuration keys a --local cluster decides itself, as flags or in a --config file.
 _OWN_CA = "the launcher issues each agent a certificate from a throwaway CA in <out>/tls"

@@ -159,6 +159,22 @@ def agent_parser() -> argparse.ArgumentParser:
         help="numbered checkpoints kept besides checkpoint.safetensors, the fallbacks when the newest "
         "is damaged",
     )
+    parser.add_argument(
+        "--when-finished",
+        choices=("exit", "serve"),
+        default="exit",
+        help="when the run is finished (also when --resume finds it finished): exit 0, or serve: keep the "
+        "gRPC server up and healthy, reporting the run finished and handing out the final state, until "
+        "SIGTERM/SIGINT (for deployments that restart an agent that exits: DaemonSet, compose, systemd)",
+    )
+    parser.add_argument(
+        "--on-config-change",
+        choices=("refuse", "new-run"),
+        default="refuse",
+        help="with --resume, when --out holds a run of another configuration (any cluster key but "
+        "iterations) or run id: refuse (exit 1 naming the keys), or new-run: move that run's files into "
+        "<out>/previous/<run id>-<UTC time>/ (nothing is deleted) and start a new run",
+    )
     add_config_flags(parser)
     return parser
 
@@ -259,6 +275,8 @@ def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN20
         stop_grace=args.stop_grace,
         keep_checkpoints=args.keep_checkpoints,
         overwrite=args.overwrite,
+        when_finished=args.when_finished,
+        on_config_change=args.on_config_change,
         security=trust.security,
         warnings=trust.warnings,
     )

@@ -64,6 +64,11 @@ class AgentOptions:
     # checkpoint.safetensors, and whether a previous run's results in --out may be replaced.
     keep_checkpoints: int = 3
     overwrite: bool = False
+    # When the run is finished: "exit" (status 0) or "serve" (keep the gRPC server up, healthy, handing
+    # out the final state until stopped: agent/node/finished.py). With --resume, a run in --out of another
+    # configuration or run id is refused ("refuse") or moved into <out>/previous/ ("new-run"): runs.py.
+    when_finished: str = "exit"
+    on_config_change: str = "refuse"
     # Mutual TLS and the allowlist (docs/security.md); plaintext by default for library use on loopback.
     security: TransportSecurity = field(default_factory=TransportSecurity.insecure)
     # Said once at start (e.g. --insecure on a network address, a certificate about to expire).

@@ -12,6 +12,7 @@ import torch
 from agent.checkpoint import Checkpoint, CheckpointError
 from agent.core.algorithms import NodeState
 from agent.core.config import TrainConfig
+from agent.node.runs import config_change_message, config_differences
 from agent.train.workload import GanProblem
 from agent.transport.client import PeerClient
 from agent.transport.state import StateSnapshot
@@ -59,10 +60,9 @@ def restore_state(
     if checkpoint.schema_hash != problem.layout.schema_hash():
         raise CheckpointError(f"checkpoint {path} was written for a different model (schema hash differs)")
     # The iteration goal may grow on resume (train longer); everything else must match.
-    current = {k: v for k, v in config.cluster_dict().items() if k != "iterations"}
-    differing = sorted(k for k, v in current.items() if checkpoint.config.get(k) != v)
+    differing = config_differences(checkpoint.config, config)
     if differing:
-        raise CheckpointError(f"checkpoint {path} was written with a different configuration: {differing}")
+        raise CheckpointError(config_change_message(path, differing))
     x = problem.layout.flatten(checkpoint.parameters).to(device)
     optimizer: dict[str, Any] = {k: v.to(device) for k, v in checkpoint.optimizer.items()}
     return NodeState(

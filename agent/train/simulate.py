@@ -53,6 +53,7 @@ def node_checkpoint(
         config=config.to_dict(),
         schema_hash=problem.layout.schema_hash(),
         algorithm=config.algorithm,
+        run_id=config.effective_run_id(),
     )
 
 

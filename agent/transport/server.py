@@ -281,6 +281,12 @@ class GossipServer:
         serving_status = health_pb2.HealthCheckResponse
         await self._set_health(serving_status.SERVING if serving else serving_status.NOT_SERVING)
 
+    async def set_health(self, service: str, serving: bool) -> None:
+        """Health status of one more named service (e.g. the agent's "run finished" entry), apart from the
+        overall status `set_serving` drives. May be called before `start()`."""
+        serving_status = health_pb2.HealthCheckResponse
+        await self._health.set(service, serving_status.SERVING if serving else serving_status.NOT_SERVING)
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         # Both the overall ("") and the per-service entry, so either kind of probe sees the same thing.
         await self._health.set(health.OVERALL_HEALTH, status)
