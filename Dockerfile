@@ -66,19 +66,29 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 dpgan \
     && useradd --system --no-log-init -l --uid 10001 --gid dpgan --create-home --home-dir /home/dpgan dpgan \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/dpgan \
-    && install -d -m 0755 /etc/dpgan
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/dpgan-pki \
+    && install -d -m 0755 /etc/dpgan /etc/dpgan-tls
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    DPGAN_TLS_CERT=/etc/dpgan-tls/tls.crt \
+    DPGAN_TLS_KEY=/etc/dpgan-tls/tls.key \
+    DPGAN_TLS_CA=/etc/dpgan-tls/ca.crt
 WORKDIR /var/lib/dpgan
 USER 10001:10001
 # 5000/tcp: gossip gRPC and the gRPC health service; 5353/udp: mDNS discovery (_dpgan._tcp.local.).
 EXPOSE 5000/tcp 5353/udp
 VOLUME ["/var/lib/dpgan"]
+# Mutual TLS (docs/security.md): by default the node's certificate, key and the cluster CA are mounted at
+# /etc/dpgan-tls as tls.crt, tls.key and ca.crt (the layout of a Kubernetes TLS Secret); the health check
+# reads the same paths from DPGAN_TLS_*. After the last iteration the agent keeps serving its results
+# (--when-finished serve) instead of exiting into a restart loop.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "agent.node.healthcheck", "--address", "127.0.0.1:5000", "--timeout", "3"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "dpgan-agent"]
-CMD ["--listen", "0.0.0.0:5000", "--advertise", "auto", "--out", "/var/lib/dpgan", "--discovery", "mdns", "--resume"]
+CMD ["--listen", "0.0.0.0:5000", "--advertise", "auto", "--out", "/var/lib/dpgan", "--discovery", "mdns", "--resume", \
+     "--tls-cert", "/etc/dpgan-tls/tls.crt", "--tls-key", "/etc/dpgan-tls/tls.key", "--tls-ca", "/etc/dpgan-tls/ca.crt", \
+     "--when-finished", "serve"]

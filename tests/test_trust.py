@@ -124,7 +124,7 @@ def test_tls_issue_from_gives_a_node_its_own_certificate_once(tmp_path: Path, pk
     ]
     chosen = options(argv)
     assert chosen.node_id == "replica-1" and chosen.security.enabled
-    cert = out / "tls" / "replica-1.crt"
+    cert = out / "tls" / "node.crt"
     before = cert.read_bytes()
     again = options([a for a in argv if a not in ("--node-id", "replica-1")])  # the file names it now
     assert again.node_id == "replica-1" and cert.read_bytes() == before  # kept while valid

@@ -63,6 +63,7 @@ from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_summary
 from agent.node.runs import prepare_run_folder
 from agent.node.state import snapshot_of
 from agent.node.stopping import StopCoordinator
+from agent.node.telemetry import MetricsEndpoint
 from agent.node.views import ViewController
 from agent.train.data import load_dataset, partition
 from agent.train.simulate import hyper_from, node_checkpoint
@@ -153,6 +154,8 @@ class PeerAgent:
         self.resume_checkpoint: tuple[Path, Checkpoint] | None = None
         self._relay_task: asyncio.Future[None] | None = None
         self.entry = ClusterEntry(self)
+        self.recorder: RunRecorder | None = None  # the current run's, once training starts
+        self.metrics: MetricsEndpoint | None = None  # --metrics-port
         self.finished = FinishedRun(self)
         # All torch work runs on this one thread, off the event loop that serves gRPC: steps, mixing,
         # encoding, evaluation and checkpoints never overlap, and the thread keeps its torch settings.
@@ -367,7 +370,7 @@ class PeerAgent:
 
     async def train(self) -> dict[str, Any]:
         """Train until the run ends or stops, entering again after pauses and resynchronisations."""
-        recorder = RunRecorder(self)
+        recorder = self.recorder = RunRecorder(self)
         outcome = Outcome("stopped")
         resync: str | None = None
         while True:
@@ -419,6 +422,9 @@ class PeerAgent:
             instance=self.identity.instance_id,
             **describe_security(self.config, self.options.security),
         )
+        if self.options.metrics_port is not None:
+            self.metrics = MetricsEndpoint(self, self.options.listen_host, self.options.metrics_port)
+            self.log.info("metrics", url=f"http://{self.options.listen_host}:{self.metrics.port}/metrics")
         if isinstance(self.source, PeerTable):
             await self.source.start()
         try:
@@ -460,4 +466,6 @@ class PeerAgent:
         if isinstance(self.source, PeerTable):
             await self.source.stop()  # sends the mDNS goodbye
         await self.server.stop(grace=1.0)
+        if self.metrics is not None:
+            self.metrics.close()
         self.compute.shutdown(wait=True)

@@ -121,6 +121,10 @@ def agent_flags(argv: Sequence[str], count: int) -> list[str]:
     if nodes is not None and nodes != count:
         raise ValueError(f"--local {count} sets the number of nodes, but nodes is {nodes}; give one of them")
     forwarded: list[str] = []
+    if args.metrics_port is not None:
+        if args.metrics_port == 0 or args.metrics_port + count - 1 > 65535:
+            raise ValueError(f"--local: --metrics-port needs a port P with P + {count - 1} <= 65535")
+        forwarded.append(f"--metrics-port={args.metrics_port}")  # agent i listens on P + i
     for flag in FORWARDED_FLAGS:
         value = getattr(args, _dest(flag))
         if value == parser.get_default(_dest(flag)):
@@ -287,6 +291,8 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
     ports = free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     node_ids = [f"node-{i}" for i in range(count)]
+    metrics_base = next((int(f.split("=")[1]) for f in flags if f.startswith("--metrics-port=")), None)
+    flags = [f for f in flags if not f.startswith("--metrics-port=")]
     tls = {node_id: [] for node_id in node_ids} if "--insecure" in flags else local_pki(out / "tls", node_ids)
     progress = Progress(node_ids, config.iterations or 0)
     children: list[subprocess.Popen[str]] = []
@@ -314,7 +320,8 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
         for i, node_id in enumerate(node_ids):
             node_dir = out / node_id
             node_dir.mkdir(parents=True, exist_ok=True)
-            command = agent_command(i, addresses, node_dir, config_path, [*flags, *tls[node_id]])
+            own = [f"--metrics-port={metrics_base + i}"] if metrics_base is not None else []
+            command = agent_command(i, addresses, node_dir, config_path, [*flags, *tls[node_id], *own])
             # Each agent in its own session: a Ctrl-C in the terminal reaches only the launcher, which
             # forwards it once (an agent takes a second signal as "exit at once, without a checkpoint").
             child = subprocess.Popen(

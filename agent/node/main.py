@@ -67,6 +67,12 @@ def agent_parser() -> argparse.ArgumentParser:
         "while valid); for single-host clusters whose nodes share one trust domain (compose)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://<listen host>:PORT/metrics (0: any free port)",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="allow plaintext gRPC on a network address (without TLS every host that reaches the port "
@@ -278,6 +284,7 @@ def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN20
         when_finished=args.when_finished,
         on_config_change=args.on_config_change,
         security=trust.security,
+        metrics_port=args.metrics_port,
         warnings=trust.warnings,
     )
 

@@ -71,6 +71,8 @@ class AgentOptions:
     on_config_change: str = "refuse"
     # Mutual TLS and the allowlist (docs/security.md); plaintext by default for library use on loopback.
     security: TransportSecurity = field(default_factory=TransportSecurity.insecure)
+    # Prometheus /metrics on listen_host:metrics_port (agent/node/telemetry.py); None: off, 0: any port.
+    metrics_port: int | None = None
     # Said once at start (e.g. --insecure on a network address, a certificate about to expire).
     warnings: tuple[str, ...] = ()
 

@@ -150,22 +150,36 @@ def persistent_node_id(path: Path, given: str | None) -> str:
 
 
 def issue_own_certificate(ca_dir: Path, node_id: str, folder: Path) -> tuple[str, str, str]:
-    """--tls-issue-from: this node's certificate from the CA key in `ca_dir`, kept in `folder` and
-    re-issued only when missing, expired (or about to), for another id or from another CA. Returns the
+    """--tls-issue-from: this node's certificate from the CA in `ca_dir` (ca.crt, ca.key), kept as
+    `folder`/node.crt and node.key (fixed names, so health probes find them) and re-issued only when
+    missing, unusable, expiring within 30 days, for another node id or from another CA. Returns the
     (cert, key, CA) paths. For clusters whose nodes share one trust domain (compose on one host): every
-    node that holds the CA key can mint any identity. ValueError naming the problem."""
-    from contextlib import redirect_stdout
-    from io import StringIO
+    node that holds the CA key can mint any identity. ValueError naming the file on a problem."""
+    from datetime import UTC, datetime
 
-    from agent.security.certs import node_file_stem
-    from agent.security.cli import certs_main
+    from agent.security.certs import (
+        CertificateError,
+        issue_node_certificate,
+        write_certificate,
+        write_private_key,
+    )
 
-    output = StringIO()
-    with redirect_stdout(output):
-        code = certs_main(
-            ["issue", "--node-id", node_id, "--ca-dir", str(ca_dir), "--out", str(folder), "--exist-ok"]
-        )
-    if code != 0:
-        raise ValueError(f"--tls-issue-from {ca_dir}: could not issue a certificate for {node_id!r}")
-    stem = node_file_stem(node_id)
-    return str(folder / f"{stem}.crt"), str(folder / f"{stem}.key"), str(ca_dir / "ca.crt")
+    ca_cert, ca_key = ca_dir / "ca.crt", ca_dir / "ca.key"
+    cert, key = folder / "node.crt", folder / "node.key"
+    try:
+        current = load_node_credentials(cert, key, ca_cert)
+        if current.node_id == node_id and not expires_soon(current, datetime.now(UTC)):
+            return str(cert), str(key), str(ca_cert)
+    except CertificateError:
+        pass  # missing, expired, another CA's, damaged: issue a new one
+    try:
+        cert_pem, key_pem = issue_node_certificate(ca_cert.read_bytes(), ca_key.read_bytes(), node_id)
+    except OSError as error:
+        raise ValueError(f"--tls-issue-from {ca_dir}: cannot read {error.filename}: {error.strerror}") from None  # noqa: E501
+    except CertificateError as error:
+        raise ValueError(f"--tls-issue-from {ca_dir}: {error}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    write_private_key(key, key_pem)
+    write_certificate(cert, cert_pem)
+    return str(cert), str(key), str(ca_cert)

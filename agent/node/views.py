@@ -10,6 +10,7 @@ re-enters the cluster when ``resync_source`` names a peer, pauses or exits when 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from agent.core.config import TrainConfig
@@ -64,6 +65,8 @@ class ViewController:
         # node id -> the iteration at which this node left it out; it stays out of views until it
         # declares a later ready-from (counts_in_view).
         self.left_out: dict[str, int] = {}
+        # How often a member was left out, by reason kind (metrics: dpgan_peers_left_out_total).
+        self.left_out_counts: Counter[str] = Counter()
         self.instances: dict[str, str] = {}  # incarnation of each member when the view was formed
         self.isolation = Isolation()
         self.mismatch_logged: set[tuple[str, int]] = set()
@@ -107,20 +110,21 @@ class ViewController:
                 continue
             record = self.registry.records.get(node_id)
             if record is None or not record.alive:
-                self.leave_out(node_id, iteration, "probes found it unreachable")
+                self.leave_out(node_id, iteration, "probes found it unreachable", "unreachable")
             elif self.restarted(node_id):
-                self.leave_out(node_id, iteration, "it restarted (new incarnation)")
+                self.leave_out(node_id, iteration, "it restarted (new incarnation)", "restarted")
 
     def restarted(self, node_id: str) -> bool:
         known = self.instances.get(node_id, "")
         current = self.registry.instances.get(node_id, "")
         return bool(known and current and known != current)
 
-    def leave_out(self, node_id: str, iteration: int, reason: str) -> None:
+    def leave_out(self, node_id: str, iteration: int, reason: str, kind: str = "other") -> None:
         """Stop mixing with a member of the current view; it stays out of later views until it declares
-        a ready-from after ``iteration`` (it re-enters as a joiner)."""
+        a ready-from after ``iteration`` (it re-enters as a joiner). ``kind``: a short reason for metrics."""
         if node_id in self.health and not self.health[node_id].alive:
             return
+        self.left_out_counts[kind] += 1
         self.left_out[node_id] = max(iteration, self.left_out.get(node_id, iteration))
         self.health[node_id] = PeerHealth(alive=False)
         self.log.warning(
@@ -132,7 +136,9 @@ class ViewController:
     def record(self, node_id: str, event: PeerEvent, iteration: int, reason: str = "") -> None:
         health, action = on_peer_event(self.health[node_id], event, MAX_MISSED_ROUNDS)
         if action is PeerAction.MARK_DOWN:
-            self.leave_out(node_id, iteration, f"{event.value}: {reason}" if reason else event.value)
+            self.leave_out(
+                node_id, iteration, f"{event.value}: {reason}" if reason else event.value, event.value
+            )
             if event is PeerEvent.UNREACHABLE:
                 self.registry.mark_dead(node_id, reason)
         self.health[node_id] = health
@@ -141,7 +147,7 @@ class ViewController:
         """Neighbours still healthy in this view; a neighbour that restarted is left out at once."""
         for node_id in neighbours:
             if self.health[node_id].alive and self.restarted(node_id):
-                self.leave_out(node_id, iteration, "it restarted (new incarnation)")
+                self.leave_out(node_id, iteration, "it restarted (new incarnation)", "restarted")
         return [node_id for node_id in neighbours if self.health[node_id].alive]
 
     def classify_late(self, status: pb.PeerStatus | None, iteration: int) -> PeerEvent | None:
