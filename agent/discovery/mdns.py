@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import re
@@ -248,9 +249,16 @@ class MdnsDiscovery:
         try:
             self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         except OSError as error:
-            raise DiscoveryError(
-                f"mDNS cannot bind to {interfaces} (is each an IPv4 address of this host?): {error}"
-            ) from error
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                hint = (
+                    "UDP port 5353 is held exclusively by another mDNS stack (e.g. avahi-daemon with "
+                    "disallow-other-stacks=yes): allow other stacks, or use --peers / --dns-name with "
+                    "--discovery none"
+                )
+            else:
+                hint = "--interface must name an up interface of this host or one of its IPv4 addresses"
+            why = error.strerror or str(error)
+            raise DiscoveryError(f"mDNS cannot start on {interfaces}: {why}; {hint}") from error
         try:
             # Browse before announcing so peers that answer our announcement are not missed.
             self._browser = AsyncServiceBrowser(

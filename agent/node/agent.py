@@ -425,9 +425,9 @@ class PeerAgent:
         if self.options.metrics_port is not None:
             self.metrics = MetricsEndpoint(self, self.options.listen_host, self.options.metrics_port)
             self.log.info("metrics", url=f"http://{self.options.listen_host}:{self.metrics.port}/metrics")
-        if isinstance(self.source, PeerTable):
-            await self.source.start()
         try:
+            if isinstance(self.source, PeerTable):
+                await self.source.start()  # inside: a discovery failure still shuts the server down
             # --out prepared (agent/node/runs.py): a finished run is kept as it is, else resumed or new.
             prepared = prepare_run_folder(self.options, self.config, self.problem, self.log)
             if prepared.finished is not None:

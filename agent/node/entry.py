@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 
 # State transfers that may fail in a row before joining gives up.
 FETCH_ATTEMPTS = 5
+# While waiting for peers at start, the candidates that do not answer are named at most this often.
+WAIT_REPORT_S = 3.0
+
+
+def describe(reasons: dict[str, str]) -> str:
+    """'address: reason; ...' for an error line."""
+    return "; ".join(f"{address}: {reason}" for address, reason in sorted(reasons.items()))
 
 
 class ClusterEntry:
@@ -61,15 +68,39 @@ class ClusterEntry:
         return task.result()
 
     async def await_peers(self, needed: int, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self.agent.registry.alive()) < needed:
-            if deadline is not None and time.monotonic() > deadline:
-                refusals = "; ".join(f"{a}: {r}" for a, r in self.agent.registry.refusals.items())
-                raise AgentError(
-                    f"only {len(self.agent.registry.alive())} of {needed} peers answered within "
-                    f"{timeout:.0f} s" + (f" (refused: {refusals})" if refusals else "")
+        """Wait until ``needed`` peers answer. While waiting, every few seconds one line names each
+        candidate that does not answer and why (refused, unreachable, timeout, TLS); with static peers
+        only, a refusal that leaves too few peers fails at once instead of at the timeout."""
+        registry, options = self.agent.registry, self.agent.options
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        reported: dict[str, str] = {}
+        last_report = started
+        while len(registry.alive()) < needed:
+            now = time.monotonic()
+            failing = {**registry.failures, **registry.refusals}
+            if failing != reported and now - last_report >= WAIT_REPORT_S:
+                reported, last_report = dict(failing), now
+                self.agent.log.warning(
+                    "waiting for peers",
+                    answered=len(registry.alive()),
+                    needed=needed,
+                    waited_s=round(now - started),
+                    not_answering=failing,
                 )
-            await self.until_stop(self.agent.registry.wait_for_change(0.5))
+            static_only = not options.mdns and not options.dns_names
+            left = [peer for peer in options.peers if peer not in registry.refusals]
+            if static_only and registry.refusals and len(left) < needed:
+                raise AgentError(
+                    f"{len(options.peers) - len(left)} of the --peers refused this node, so {needed} can "
+                    f"never answer: {describe(registry.refusals)}"
+                )
+            if deadline is not None and now > deadline:
+                raise AgentError(
+                    f"only {len(registry.alive())} of {needed} peers answered within {timeout:.0f} s"
+                    + (f"; not answering: {describe(failing)}" if failing else "; no candidate found")
+                )
+            await self.until_stop(registry.wait_for_change(0.5))
 
     async def settle(self) -> None:
         if self.agent.options.settle_seconds > 0:

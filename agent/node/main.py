@@ -334,6 +334,7 @@ def agent_main(argv: Sequence[str]) -> int:
     keep_freed_memory()
     torch.set_num_threads(config.threads)
     from agent.checkpoint import CheckpointError
+    from agent.discovery import DiscoveryError
     from agent.node.agent import PeerAgent
     from agent.node.options import AgentError
 
@@ -343,7 +344,7 @@ def agent_main(argv: Sequence[str]) -> int:
     try:
         agent = PeerAgent(config, options)
         return asyncio.run(_run_agent(agent))
-    except (AgentError, CheckpointError, ValueError, OSError) as error:
+    except (AgentError, CheckpointError, DiscoveryError, ValueError, OSError) as error:
         log.error("agent failed", error=str(error))
         print(f"dpgan-agent: error: {error}", file=sys.stderr)
         return EXIT_FAILED

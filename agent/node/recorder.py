@@ -72,7 +72,8 @@ class RunRecorder:
             agent.log.info(
                 "iteration",
                 iteration=k,
-                **agent.operator.losses(),
+                # 4 significant digits in the log; metrics.jsonl keeps full precision
+                **{key: float(f"{value:.4g}") for key, value in agent.operator.losses().items()},
                 # per iteration (a node alone runs several iterations per Traffic record)
                 compute_s=round(traffic.compute_seconds / traffic.iterations, 5),
                 communication_s=round(traffic.communication_seconds / traffic.iterations, 5),

@@ -438,13 +438,15 @@ class GossipServer:
         if not accepted and not reason:
             reason = "refused by this node's handshake policy (it gave no reason)"
         if accepted:
+            # The first acceptance is news; the liveness probes that repeat it every second are not.
+            repeat = request.node_id in self._peers
             self._peers[request.node_id] = HandshakenPeer(
                 node_id=request.node_id,
                 advertise_address=request.advertise_address,
                 membership_epoch=request.membership_epoch,
                 agent_version=request.agent_version,
             )
-            _log.info("handshake_accepted", peer=peer, node_id=request.node_id)
+            (_log.debug if repeat else _log.info)("handshake_accepted", peer=peer, node_id=request.node_id)
         else:
             # A refused re-handshake revokes an earlier acceptance: the peer changed incompatibly.
             self._peers.pop(request.node_id, None)
