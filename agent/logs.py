@@ -8,11 +8,19 @@ from typing import Any, TextIO
 
 import structlog
 
+from agent.files import dumps_json
+
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time of the write (test runners swap it)."""
 
     def write(self, text: str) -> int:
+        from agent.progress import active  # a progress bar on the terminal: print above it
+
+        bar = active()
+        if bar is not None:
+            bar.write(text)
+            return len(text)
         return sys.stderr.write(text)
 
     def flush(self) -> None:
@@ -26,8 +34,11 @@ def configure_logging(*, level: str = "info", stream: TextIO | None = None, json
     """``json=None`` chooses by whether ``stream`` is a terminal."""
     stream = stream or _CurrentStderr()  # type: ignore[assignment]
     as_json = not stream.isatty() if json is None else json
+    # dumps_json: a NaN in a field (a diverged loss) is written as null, so every line is valid JSON.
     renderer: Any = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(serializer=dumps_json)
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[

@@ -29,10 +29,13 @@ from agent.core.config import TrainConfig
 from agent.files import (
     check_run_folder,
     clear_run_files,
+    finite_json,
     previous_run_files,
     remove_stale_temporaries,
     write_atomic,
 )
+from agent.progress import ProgressBar
+from agent.security.throwaway import throwaway_pki
 
 # Per-node agent flags the launcher honours: it passes them to every agent it starts.
 FORWARDED_FLAGS = (
@@ -147,38 +150,6 @@ def agent_command(
     ]  # fmt: skip
 
 
-def local_pki(folder: Path, node_ids: Sequence[str]) -> dict[str, list[str]]:
-    """A throwaway cluster CA and one certificate per node in ``folder`` (reused when they still verify,
-    so a resumed cluster keeps them); returns each node's --tls-* flags."""
-    from agent.security.certs import (
-        CertificateError,
-        create_ca,
-        issue_node_certificate,
-        load_node_credentials,
-        write_certificate,
-        write_private_key,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
-    ca_cert, ca_key = folder / "ca.crt", folder / "ca.key"
-    if not (ca_cert.is_file() and ca_key.is_file()):
-        cert_pem, key_pem = create_ca(common_name="dpgan --local throwaway CA")
-        write_certificate(ca_cert, cert_pem)
-        write_private_key(ca_key, key_pem)
-    flags = {}
-    for node_id in node_ids:
-        cert, key = folder / f"{node_id}.crt", folder / f"{node_id}.key"
-        try:
-            load_node_credentials(cert, key, ca_cert)
-        except CertificateError:
-            cert_pem, key_pem = issue_node_certificate(ca_cert.read_bytes(), ca_key.read_bytes(), node_id)
-            write_certificate(cert, cert_pem)
-            write_private_key(key, key_pem)
-        flags[node_id] = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca_cert)]
-    return flags
-
-
 def check_cluster_folder(out: Path, argv: Sequence[str]) -> None:
     """Refuse (ValueError) a fresh cluster over a previous run's results in ``out`` or its node folders
     unless --resume or --overwrite says what to do with them."""
@@ -204,13 +175,13 @@ def _finished(out: Path, count: int, iterations: int | None) -> int | None:
 
 
 class Progress:
-    """Latest iteration per node, printed as one line (rewritten in place on a terminal)."""
+    """The cluster's progress: the iteration every node has reached (the slowest node's), with rate and
+    ETA. A tqdm bar on a terminal (the agents' warnings print above it), a line per change otherwise."""
 
-    def __init__(self, node_ids: list[str], total: int) -> None:
-        self.iterations = dict.fromkeys(node_ids, 0)
-        self.total = total
+    def __init__(self, node_ids: list[str], total: int, initial: int = 0) -> None:
+        self.iterations = dict.fromkeys(node_ids, initial)
         self.lock = threading.Lock()
-        self.tty = sys.stderr.isatty()
+        self.bar = ProgressBar(total, desc="dpgan --local", initial=initial)
 
     def update(self, node_id: str, event: dict[str, Any]) -> None:
         with self.lock:
@@ -219,13 +190,22 @@ class Progress:
             done = min(self.iterations.values())
             if done == before:
                 return
-            losses = " ".join(f"{k}={event[k]:.3f}" for k in ("loss_g", "loss_d") if k in event)
-            timing = f"compute={event.get('compute_s', 0):.4f}s comm={event.get('communication_s', 0):.4f}s"
-            line = f"[dpgan --local] iteration {done}/{self.total}  {losses}  {timing}"
-            if self.tty:
-                print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
-            else:
-                print(line, file=sys.stderr, flush=True)
+            losses = {k: float(event[k]) for k in ("loss_g", "loss_d") if k in event}
+            if self.bar.enabled:
+                self.bar.update_to(done, **losses)
+                return
+            eta = self.bar.eta_fields(done)
+            line = f"[dpgan --local] iteration {done}/{eta['total']} ({eta['percent']}%)"
+            if "eta_s" in eta:
+                line += f", ETA {eta['eta_s']:.0f} s"
+            line += "  " + "  ".join(f"{k}={v:.4g}" for k, v in losses.items())
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        self.bar.write(text + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _pump(stream: IO[str], log_path: Path, node_id: str, progress: Progress, append: bool) -> None:
@@ -240,7 +220,7 @@ def _pump(stream: IO[str], log_path: Path, node_id: str, progress: Progress, app
             if event.get("event") == "iteration":
                 progress.update(node_id, event)
             elif event.get("level") in ("warning", "error"):
-                print(f"\n[{node_id}] {event.get('event')}: {event.get('error') or event}", file=sys.stderr)
+                progress.note(f"[{node_id}] {event.get('event')}: {event.get('error') or event}")
 
 
 def _average_model_report(config: TrainConfig, out: Path, node_dirs: list[Path]) -> dict[str, Any]:
@@ -293,7 +273,8 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
     node_ids = [f"node-{i}" for i in range(count)]
     metrics_base = next((int(f.split("=")[1]) for f in flags if f.startswith("--metrics-port=")), None)
     flags = [f for f in flags if not f.startswith("--metrics-port=")]
-    tls = {node_id: [] for node_id in node_ids} if "--insecure" in flags else local_pki(out / "tls", node_ids)
+    insecure = "--insecure" in flags
+    tls = {node_id: [] for node_id in node_ids} if insecure else throwaway_pki(out / "tls", node_ids)
     progress = Progress(node_ids, config.iterations or 0)
     children: list[subprocess.Popen[str]] = []
     pumps: list[threading.Thread] = []
@@ -346,14 +327,17 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
             signal.signal(s, handler)
         for pump in pumps:
             pump.join(timeout=5)
-    print("", file=sys.stderr)
+        progress.close()
     node_dirs = [out / node_id for node_id in node_ids]
     records = []
     for node_dir in node_dirs:
         metrics = node_dir / "metrics.jsonl"
         if metrics.exists():
             records += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    write_atomic(
+        out / "metrics.jsonl",
+        "".join(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in records).encode(),
+    )
     summaries = {}
     for node_id, node_dir in zip(node_ids, node_dirs, strict=True):
         path = node_dir / "summary.json"
@@ -369,7 +353,8 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
         "node_summaries": summaries,
         "config": cluster_config,
     }
-    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    text = json.dumps(finite_json(summary), indent=2, allow_nan=False)
+    write_atomic(out / "summary.json", (text + "\n").encode())
     quality = summary["average_model"].get("quality")
     print(
         f"[dpgan --local] done in {summary['wall_seconds']:.1f} s; exit codes {codes}; "

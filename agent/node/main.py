@@ -11,8 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from agent import __version__
 from agent.allocator import keep_freed_memory
 from agent.configfile import add_config_flags, config_from_args
 from agent.core.config import TrainConfig
@@ -37,6 +36,7 @@ def agent_parser() -> argparse.ArgumentParser:
         prog="dpgan-agent",
         description="Decentralized GAN training peer (DPOSG). See 'dpgan-agent simulate --help' too.",
     )
+    parser.add_argument("--version", action="version", version=f"dpgan-agent {__version__}")
     parser.add_argument(
         "--local", type=int, metavar="N", help="start N agent processes on loopback and train"
     )
@@ -285,6 +285,7 @@ def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN20
         on_config_change=args.on_config_change,
         security=trust.security,
         metrics_port=args.metrics_port,
+        progress=sys.stderr.isatty() and args.log_format != "json",
         warnings=trust.warnings,
     )
 
@@ -331,6 +332,9 @@ def agent_main(argv: Sequence[str]) -> int:
     except (ValueError, MembershipError) as error:
         print(f"dpgan-agent: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    import torch  # after the arguments: --help and --version start without it
+
+
     keep_freed_memory()
     torch.set_num_threads(config.threads)
     from agent.checkpoint import CheckpointError

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from agent.files import write_atomic
+from agent.files import finite_json, write_atomic
 from agent.node.gossip import Traffic
 from agent.node.options import EXIT_ISOLATED, Outcome
+from agent.progress import ProgressBar
 from agent.train.evaluate import Evaluator
 
 if TYPE_CHECKING:
@@ -43,6 +44,16 @@ def finished_iteration(out: Path, iterations: int) -> int | None:
     return final.iteration if final.iteration >= iterations else None
 
 
+def previous_wall_seconds(metrics: Path) -> float:
+    """``wall_seconds`` of the last evaluation in ``metrics`` (0 when there is none or it is unreadable)."""
+    try:
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        value = json.loads(lines[-1]).get("wall_seconds", 0.0) if lines else 0.0
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(value) if isinstance(value, int | float) and value >= 0 else 0.0
+
+
 class RunRecorder:
     """Progress lines, periodic checkpoints, evaluations (metrics.jsonl) and the summary of one run."""
 
@@ -54,9 +65,17 @@ class RunRecorder:
         self.metrics_path = agent.options.out / "metrics.jsonl"
         if not (agent.options.resume and self.metrics_path.exists()):
             self.metrics_path.write_text("")
-        self.started = time.perf_counter()
+        # Wall time continues across resumes: from the last evaluation the previous session wrote.
+        self.started = time.perf_counter() - previous_wall_seconds(self.metrics_path)
         self.totals = Traffic()
         self.record: dict[str, Any] = {}
+        # A bar on a terminal with console logs; the iteration log lines carry total / percent / ETA.
+        self.bar = ProgressBar(
+            config.iterations,
+            desc=agent.options.node_id,
+            initial=agent.iteration,
+            enabled=agent.options.progress,
+        )
 
     async def after(self, traffic: Traffic) -> None:
         agent, config, options = self.agent, self.agent.config, self.agent.options
@@ -68,6 +87,7 @@ class RunRecorder:
         totals.bytes_received += traffic.bytes_received
         k = agent.iteration
         assert agent.operator is not None and agent.state is not None
+        self.bar.update_to(k, **agent.operator.losses())
         if k % options.log_every == 0 or k == config.iterations:
             agent.log.info(
                 "iteration",
@@ -82,6 +102,7 @@ class RunRecorder:
                 neighbours=sorted(traffic.participants),
                 members=agent.views.view.size,
                 iterations_alone=agent.iterations_alone,
+                **self.bar.eta_fields(k),
             )
         if k % options.checkpoint_every == 0:
             await agent.in_compute(agent.checkpoint, CHECKPOINT_NAME)
@@ -91,14 +112,23 @@ class RunRecorder:
                 "node": options.node_id,
                 "wall_seconds": round(time.perf_counter() - self.started, 3),
                 "quality": await agent.in_compute(self.evaluator.evaluate, agent.problem, agent.state.x),
+                # the samples of this evaluation, beside samples-final.png
+                "samples": await agent.in_compute(self._samples, k),
                 "members": agent.views.view.size,
                 "iterations_alone": agent.iterations_alone,
                 **agent.operator.losses(),
             }
             with self.metrics_path.open("a") as handle:
-                handle.write(json.dumps(self.record) + "\n")
+                handle.write(json.dumps(finite_json(self.record), allow_nan=False) + "\n")
+
+    def _samples(self, iteration: int) -> str:
+        assert self.agent.state is not None
+        name = f"samples-{iteration:07d}.png"
+        self.evaluator.save_samples(self.agent.problem, self.agent.state.x, self.agent.options.out / name)
+        return name
 
     async def finish(self, outcome: Outcome) -> dict[str, Any]:
+        self.bar.close()
         agent, config = self.agent, self.agent.config
         assert config.iterations is not None
         out = agent.options.out
@@ -138,5 +168,6 @@ class RunRecorder:
             agent.log.error(
                 "isolated for too long; exiting (--isolation exit)", iterations_alone=agent.iterations_alone
             )
-        write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        text = json.dumps(finite_json(summary), indent=2, allow_nan=False)
+        write_atomic(out / "summary.json", (text + "\n").encode())
         return summary
