@@ -329,9 +329,16 @@ class Launch:
     """The processes of one system on one cluster, their logs, and the rate windows measured on them."""
 
     def __init__(
-        self, cluster: NetnsCluster, system: System, workload: Workload, folder: Path, round_timeout: float
+        self,
+        cluster: NetnsCluster,
+        system: System,
+        workload: Workload,
+        folder: Path,
+        round_timeout: float,
+        tls: bool = False,
     ) -> None:
         self.round_timeout = round_timeout
+        self.tls = tls  # agents over mutual TLS (the product default) instead of --insecure plaintext
         self.cluster = cluster
         self.system = system
         self.workload = workload
@@ -359,6 +366,13 @@ class Launch:
         python = sys.executable
         if self.system.kind == "agent":
             addresses = [f"{host.address}:{AGENT_PORT}" for host in hosts]
+            node_ids = [f"node{i:02d}" for i in range(n)]
+            if self.tls:
+                from agent.security.throwaway import throwaway_pki
+
+                security = throwaway_pki(self.folder / "pki", node_ids)
+            else:
+                security = {node_id: ["--insecure"] for node_id in node_ids}
             for i, host in enumerate(hosts):
                 argv = [
                     python, "-m", "agent.cli", "--listen", f"0.0.0.0:{AGENT_PORT}",
@@ -370,6 +384,7 @@ class Launch:
                     "--round-timeout", str(self.round_timeout), "--startup-timeout", "300",
                     "--topology", self.system.topology, "--rounds", str(self.system.rounds),
                     "--wire-dtype", self.system.wire_dtype, "--pace", self.system.pace, *config,
+                    *security[node_ids[i]],
                 ]  # fmt: skip
                 self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
             return
@@ -499,7 +514,7 @@ def run_launch(
 ) -> LaunchResult:
     result = LaunchResult(nodes=n, system=system.name)
     with NetnsCluster(n) as cluster:
-        launch = Launch(cluster, system, workload, folder, args.round_timeout)
+        launch = Launch(cluster, system, workload, folder, args.round_timeout, tls=args.tls)
         try:
             launch.start()
             windows, before, after, first, last = launch.measure(args.rates, args)
@@ -895,6 +910,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="per-node minibatch (default: 128 for ring8, the dataset default otherwise)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="agents talk mutual TLS (a throwaway CA), as deployments do; default plaintext (--insecure), "
+        "as the tables in docs/benchmarks.md were measured",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
         "--round-timeout", type=float, default=10.0,
