@@ -1,7 +1,8 @@
 """The ``dpgan-agent`` command line: dispatches to its commands, importing only what each needs.
 
 ``dpgan-agent simulate ...`` (agent.simulate_cli), ``dpgan-agent certs ...`` (agent.security.cli: X.509
-only, starts without torch), otherwise the networked agent (agent.node.main).
+only, starts without torch), ``dpgan-agent generate | export | evaluate ...`` (agent.tools.cli: use a
+trained checkpoint), otherwise the networked agent (agent.node.main).
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.security.cli import certs_main
 
         return certs_main(arguments[1:])
+    if arguments and arguments[0] == "generate":
+        from agent.tools.cli import generate_main
+
+        return generate_main(arguments[1:])
+    if arguments and arguments[0] == "export":
+        from agent.tools.cli import export_main
+
+        return export_main(arguments[1:])
+    if arguments and arguments[0] == "evaluate":
+        from agent.tools.cli import evaluate_main
+
+        return evaluate_main(arguments[1:])
     from agent.node.main import agent_main  # the networked agent
 
     return agent_main(arguments)
