@@ -14,15 +14,25 @@
 #                   torch from it with --no-index
 #   5. build        podman build --format docker --pull=never (OCI format would drop HEALTHCHECK)
 #   6. service      podman system service on a private socket, for the Compose v2 binary (DOCKER_HOST)
-#   7. up           compose up -d --no-build: $REPLICAS replicas, found by mDNS, a short run of
+#   7. up           compose up -d --no-build: the one-shot `pki` service makes the cluster CA and exits 0,
+#                   then $REPLICAS replicas of `dpgan` start, found by mDNS, for a short run of
 #                   $ITERATIONS iterations (an override file this script writes swaps the cluster config)
-#   8. health       `podman healthcheck run` passes on every replica while it trains
+#   8. health       `podman healthcheck run` passes on every replica while it trains (the check connects
+#                   over mutual TLS with the replica's own certificate, DPGAN_TLS_*); every replica keeps
+#                   a node id of its own in /var/lib/dpgan/node-id and logs "listening" with
+#                   tls "mutual TLS as '<that id>'"
 #   9. stop         compose stop mid-run: every replica exits 0, logs "agent stopped", and its volume
 #                   holds a stop checkpoint and an unfinished summary.json
-#  10. resume       compose start: every replica logs "resumed from checkpoint", finishes (summary.json
-#                   finished at $ITERATIONS, "agent finished"), exits 0 with no restart, and has
-#                   results of its own (its own node id, final model, metrics)
-#  11. down         compose down -v, stop the podman service
+#  10. resume       compose start: every replica keeps its node id and TLS identity, logs "resumed from
+#                   checkpoint", finishes and stays up (--when-finished serve): `python -m
+#                   agent.node.healthcheck --finished` exits 0 in each, `podman healthcheck run` still
+#                   passes, no restart, summary.json finished at $ITERATIONS, results of its own
+#  11. stop-served  compose stop: the finished, serving replicas exit 0 and log "agent finished"
+#  12. new-config   (skipped with DPGAN_E2E_CONFIG_CHANGE=0) a cluster.yaml with another `rounds`, then
+#                   compose up -d --force-recreate: every new container, with the old one's volume and
+#                   node id, logs "configuration changed: moved the previous run aside", holds
+#                   previous/<run>/ and trains the new run
+#  13. down         compose down -v, stop the podman service
 #
 # Exit status: 0 the check passed; 1 PRODUCT failure (the image does not build, compose refuses the
 # files, an agent does not train, stop, resume or finish; the failing containers' last log lines are
@@ -30,13 +40,14 @@
 # the base image, ...), printed loudly as "ENVIRONMENT: containers cannot run here: <reason>".
 #
 # Knobs (environment): DPGAN_E2E_ITERATIONS (default 1200), DPGAN_E2E_REPLICAS (4), DPGAN_E2E_WORK
-# (/var/tmp/dpgan-e2e: log, override file, copied results), DPGAN_E2E_LOG, DPGAN_E2E_IMAGE
+# (/var/tmp/dpgan-e2e: log, override files, copied results), DPGAN_E2E_LOG, DPGAN_E2E_IMAGE
 # (localhost/dpgan-agent:e2e), DPGAN_E2E_KEEP=1 (leave the cluster up after a failure, to look at it),
-# DPGAN_E2E_AGENT_ARGS (diagnostics: arguments appended to the compose command, e.g. "--insecure"; CI
-# leaves it empty so that the files are checked as they are shipped).
+# DPGAN_E2E_CONFIG_CHANGE=0 (skip step 12), DPGAN_E2E_AGENT_ARGS (diagnostics only: arguments appended
+# to the compose command, e.g. "--log-format console"; CI leaves it empty so that the files are checked
+# as they are shipped: mutual TLS, no --insecure).
 #
 # The checks are small functions (wait_all_training, check_stopped, wait_all_finished, ...): adapt them
-# when the compose file changes (agents that stay up once finished, init services, node ids).
+# when the compose file changes.
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,9 +59,12 @@ TORCH_VERSION=${DPGAN_E2E_TORCH_VERSION:-2.13.0}
 REPLICAS=${DPGAN_E2E_REPLICAS:-4}
 ITERATIONS=${DPGAN_E2E_ITERATIONS:-1200}
 AGENT_ARGS=${DPGAN_E2E_AGENT_ARGS:-}
+CONFIG_CHANGE=${DPGAN_E2E_CONFIG_CHANGE:-1}
 PROJECT=dpgan-e2e
 SERVICE=dpgan
+PKI_SERVICE=pki
 STATE_DIR=/var/lib/dpgan
+NODE_ID_FILE=$STATE_DIR/node-id
 SOCK=$WORK/podman.sock
 EXIT_PRODUCT=1
 EXIT_ENVIRONMENT=3
@@ -66,6 +80,7 @@ T_TRAINING=240
 T_HEALTHCHECK=30
 T_STOP=150
 T_FINISH=300
+T_NEW_RUN=120
 T_DOWN=120
 
 mkdir -p "$WORK" "$(dirname "$LOG")"
@@ -123,14 +138,23 @@ product_failure() {
 
 # ---- containers of the compose project ---------------------------------------------------------------
 
-containers() {
+project_containers() {
     podman ps -a --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Names}}' | sort
+}
+
+# The agent replicas only (<project>-dpgan-<n>), not the container of the one-shot pki service.
+containers() {
+    project_containers | grep -E "^${PROJECT}-${SERVICE}-[0-9]+\$" || true
+}
+
+pki_containers() {
+    project_containers | grep -E "^${PROJECT}-${PKI_SERVICE}-[0-9]+\$" || true
 }
 
 dump_containers() {
     local name
     [[ $COMPOSE_UP == 1 ]] || return 0
-    for name in $(containers 2>/dev/null); do
+    for name in $(project_containers 2>/dev/null); do
         log "---- $name: $(podman inspect --format '{{.State.Status}} exit={{.State.ExitCode}} restarts={{.RestartCount}}' "$name" 2>&1)"
         log "---- $name: last log lines"
         podman logs --tail 30 "$name" 2>&1 | sed "s/^/    [$name] /" || true
@@ -141,6 +165,8 @@ state_of() { podman inspect --format '{{.State.Status}}' "$1"; }
 exit_code_of() { podman inspect --format '{{.State.ExitCode}}' "$1"; }
 restarts_of() { podman inspect --format '{{.RestartCount}}' "$1"; }
 log_count() { podman logs "$1" 2>&1 | grep -c -- "$2" || true; }
+# The node id a running replica keeps in its volume (--node-id-file).
+node_id_of() { podman exec "$1" cat "$NODE_ID_FILE" 2>/dev/null | tr -d '[:space:]' || true; }
 
 # Copy a container's state volume out (running or not). `/.` matters: without it podman 4.3 drops the
 # files one level up.
@@ -221,24 +247,73 @@ check_stopped() {
     done
 }
 
-# Poll every replica's summary.json (podman cp works on running and exited containers alike) until each
-# says finished at $ITERATIONS. Agents that crash are restarted by `restart: on-failure`: that fails too.
+# The one-shot pki service made (or kept) the CA and exited 0; the agents depend on that.
+check_pki() {
+    local name names
+    names=$(pki_containers)
+    [[ -n $names ]] || product_failure "no container of the $PKI_SERVICE service"
+    for name in $names; do
+        [[ $(state_of "$name") == exited ]] || product_failure "$name is $(state_of "$name"), not exited"
+        [[ $(exit_code_of "$name") == 0 ]] || product_failure "$name (certs init) exited $(exit_code_of "$name")"
+        log "$name exited 0: $(podman logs "$name" 2>&1 | tail -n 3 | tr '\n' ' ' | cut -c1-240)"
+    done
+}
+
+# Every replica keeps a node id of its own in its volume, and every "listening" line it logged says it
+# serves mutual TLS as that id. Records the ids in results/ids/<name> for check_ids_unchanged.
+check_identity_and_tls() {
+    local name id listening tls ids=()
+    mkdir -p "$WORK/results/ids"
+    for name in $(containers); do
+        id=$(node_id_of "$name")
+        [[ -n $id ]] || product_failure "$name has no node id in $NODE_ID_FILE"
+        listening=$(podman logs "$name" 2>&1 | grep -c -E '"listening"|[] ]listening ' || true)
+        tls=$(podman logs "$name" 2>&1 | grep -E '"listening"|[] ]listening ' | grep -c -F "mutual TLS as '$id'" || true)
+        [[ $listening -ge 1 ]] || product_failure "$name logged no 'listening' line"
+        [[ $tls -eq $listening ]] \
+            || product_failure "$name: $tls of $listening 'listening' lines say \"mutual TLS as '$id'\": $(podman logs "$name" 2>&1 | grep listening | tail -n 1)"
+        echo "$id" >"$WORK/results/ids/$name"
+        ids+=("$id")
+        log "$name: node id $id, $listening 'listening' line(s), each with tls \"mutual TLS as '$id'\""
+    done
+    [[ ${#ids[@]} -eq $REPLICAS ]] || product_failure "expected $REPLICAS replicas, found ${#ids[@]}"
+    if [[ $(printf '%s\n' "${ids[@]}" | sort -u | wc -l) -ne $REPLICAS ]]; then
+        product_failure "replicas share node ids: ${ids[*]}"
+    fi
+}
+
+# The node ids now are the ones check_identity_and_tls recorded (before a stop/start, a re-creation).
+check_ids_unchanged() {
+    local what=$1 name before now
+    for name in $(containers); do
+        before=$(cat "$WORK/results/ids/$name" 2>/dev/null || true)
+        now=$(node_id_of "$name")
+        [[ -n $before && $now == "$before" ]] \
+            || product_failure "$name changed node id across $what: '$before' -> '$now'"
+    done
+    log "node ids unchanged across $what: $(cat "$WORK"/results/ids/* | tr '\n' ' ')"
+}
+
+finished_check() {
+    timeout "$T_HEALTHCHECK" podman exec "$1" python -m agent.node.healthcheck --finished \
+        --address 127.0.0.1:5000 --timeout 5 >/dev/null 2>&1
+}
+
+# Every replica stays up once finished (--when-finished serve): wait until `healthcheck --finished`,
+# run in the container (with its DPGAN_TLS_* environment), exits 0 in each. A replica that exits or is
+# restarted by `restart: on-failure` fails.
 wait_all_finished() {
-    local deadline=$(($(date +%s) + T_FINISH)) name dir pending
+    local deadline=$(($(date +%s) + T_FINISH)) name pending
     while true; do
         pending=()
         for name in $(containers); do
-            dir=$WORK/results/final/$name
             if [[ $(restarts_of "$name") != 0 ]]; then
                 product_failure "$name crashed and was restarted $(restarts_of "$name") time(s)"
             fi
-            if [[ $(state_of "$name") == exited && $(exit_code_of "$name") != 0 ]]; then
-                product_failure "$name exited $(exit_code_of "$name")"
+            if [[ $(state_of "$name") != running ]]; then
+                product_failure "$name is $(state_of "$name") (exit $(exit_code_of "$name")): --when-finished serve keeps it up"
             fi
-            if ! copy_state "$name" "$dir" >/dev/null 2>&1 \
-                || [[ $(summary_field "$dir/summary.json" finished) != True ]]; then
-                pending+=("$name")
-            fi
+            finished_check "$name" || pending+=("$name")
         done
         [[ ${#pending[@]} -eq 0 ]] && return 0
         if (($(date +%s) > deadline)); then
@@ -248,43 +323,74 @@ wait_all_finished() {
     done
 }
 
-# Each replica resumed, finished at the configured iteration, logged it, and exited 0 (the compose
-# service exits once finished; an agent that stays up would be "running" here), with results of its own.
+# Each replica resumed, finished at the configured iteration and serves it (running, healthy, "run
+# finished; serving its results"), with results of its own under its node id.
 check_finished() {
-    local name dir node nodes=()
+    local name dir node id file
     for name in $(containers); do
         dir=$WORK/results/final/$name
+        id=$(cat "$WORK/results/ids/$name")
+        copy_state "$name" "$dir" || product_failure "podman cp of $name:$STATE_DIR failed"
         [[ $(log_count "$name" "resumed from checkpoint") -ge 1 ]] \
             || product_failure "$name did not resume from its checkpoint"
+        [[ $(summary_field "$dir/summary.json" finished) == True ]] \
+            || product_failure "$name: summary.json says finished=$(summary_field "$dir/summary.json" finished)"
         [[ $(summary_field "$dir/summary.json" iterations) == "$ITERATIONS" ]] \
             || product_failure "$name finished at iteration $(summary_field "$dir/summary.json" iterations), not $ITERATIONS"
         for file in final.safetensors checkpoint.safetensors metrics.jsonl samples-final.png; do
             [[ -s $dir/$file ]] || product_failure "$name has no $file ($(ls "$dir" | tr '\n' ' '))"
         done
-        [[ $(log_count "$name" "agent finished") -ge 1 ]] || product_failure "$name did not log 'agent finished'"
-        if [[ $(state_of "$name") == exited ]]; then
-            [[ $(exit_code_of "$name") == 0 ]] || product_failure "$name exited $(exit_code_of "$name")"
-        fi
+        [[ $(log_count "$name" "run finished; serving its results") -ge 1 ]] \
+            || product_failure "$name did not log 'run finished; serving its results'"
+        [[ $(state_of "$name") == running ]] || product_failure "$name is $(state_of "$name") after finishing"
+        timeout "$T_HEALTHCHECK" podman healthcheck run "$name" >/dev/null 2>&1 \
+            || product_failure "podman healthcheck run fails on the finished $name"
         node=$(summary_field "$dir/summary.json" node)
-        nodes+=("$node")
-        log "$name finished: node $node, iteration $ITERATIONS, state $(state_of "$name")"
-        note_identity "$name" "$node"
+        [[ $node == "$id" ]] || product_failure "$name: summary.json says node $node, its node id is $id"
+        log "$name finished: node $node, iteration $ITERATIONS, running, healthy, healthcheck --finished 0"
     done
-    [[ ${#nodes[@]} -eq $REPLICAS ]] || product_failure "expected $REPLICAS replicas, found ${#nodes[@]}"
-    if [[ $(printf '%s\n' "${nodes[@]}" | sort -u | wc -l) -ne $REPLICAS ]]; then
-        product_failure "replicas share results: node ids ${nodes[*]}"
-    fi
 }
 
-# A replica whose node id changed across the stop/start (with --advertise auto the id is the address,
-# and podman gives a restarted container a new one): noted, not failed, while the compose file derives
-# node ids from addresses.
-note_identity() {
-    local name=$1 node=$2 before
-    before=$(summary_field "$WORK/results/stopped/$name/summary.json" node)
-    if [[ $before != "$node" ]]; then
-        log "NOTE: $name changed node id across compose stop/start: $before -> $node"
-    fi
+# `compose stop` of the finished, serving replicas: each exits 0 and logs "agent finished".
+check_finished_stopped() {
+    local name
+    for name in $(containers); do
+        [[ $(state_of "$name") == exited ]] || product_failure "$name is $(state_of "$name") after compose stop"
+        [[ $(exit_code_of "$name") == 0 ]] || product_failure "$name exited $(exit_code_of "$name") on SIGTERM"
+        [[ $(log_count "$name" "agent finished") -ge 1 ]] || product_failure "$name did not log 'agent finished'"
+    done
+    log "the finished replicas stopped with exit 0: $(containers | tr '\n' ' ')"
+}
+
+# After `compose up -d` with another cluster.yaml: every replica moved its finished run aside into
+# previous/ of its (kept) volume and trains the new run: healthy, not finished.
+wait_new_run() {
+    local deadline=$(($(date +%s) + T_NEW_RUN)) name pending
+    while true; do
+        pending=()
+        for name in $(containers); do
+            if [[ $(restarts_of "$name") != 0 || $(state_of "$name") != running ]]; then
+                product_failure "$name is $(state_of "$name") (exit $(exit_code_of "$name"), restarts $(restarts_of "$name")) after the configuration change"
+            fi
+            if [[ $(log_count "$name" "configuration changed: moved the previous run aside") -lt 1 ]] \
+                || ! timeout "$T_HEALTHCHECK" podman healthcheck run "$name" >/dev/null 2>&1; then
+                pending+=("$name")
+            fi
+        done
+        [[ ${#pending[@]} -eq 0 ]] && break
+        if (($(date +%s) > deadline)); then
+            product_failure "no new run after ${T_NEW_RUN} s on: ${pending[*]}"
+        fi
+        sleep 2
+    done
+    for name in $(containers); do
+        podman exec "$name" sh -c "ls $STATE_DIR/previous/*/final.safetensors" >/dev/null 2>&1 \
+            || product_failure "$name has no previous/<run>/final.safetensors: $(podman exec "$name" ls -R "$STATE_DIR/previous" 2>&1 | head -n 5 | tr '\n' ' ')"
+        if finished_check "$name"; then
+            product_failure "$name reports the new run finished already"
+        fi
+        log "$name: previous run in $(podman exec "$name" sh -c "ls -d $STATE_DIR/previous/*" | tr '\n' ' '); training the new run"
+    done
 }
 
 # ---- setup steps -----------------------------------------------------------------------------------------
@@ -414,15 +520,22 @@ start_service() {
     log "podman service on $SOCK (pid $SERVICE_PID)"
 }
 
+# write_override FILE [ROUNDS]: the compose cluster with a short run, its cluster.yaml written to FILE
+# (with another `rounds` for the configuration change).
 write_override() {
+    local config=$1 rounds=${2:-}
     # The compose file stays as it is; only the cluster configuration is swapped for a short run.
-    sed -E "s/^iterations:.*/iterations: $ITERATIONS/" "$ROOT/compose/cluster.yaml" >"$WORK/cluster.e2e.yaml"
-    grep -q "^iterations: $ITERATIONS\$" "$WORK/cluster.e2e.yaml" || product_failure "compose/cluster.yaml has no iterations key"
+    sed -E "s/^iterations:.*/iterations: $ITERATIONS/" "$ROOT/compose/cluster.yaml" >"$config"
+    grep -q "^iterations: $ITERATIONS\$" "$config" || product_failure "compose/cluster.yaml has no iterations key"
+    if [[ -n $rounds ]]; then
+        sed -i -E "s/^rounds:.*/rounds: $rounds/" "$config"
+        grep -q "^rounds: $rounds\$" "$config" || product_failure "compose/cluster.yaml has no rounds key"
+    fi
     cat >"$WORK/compose.e2e.yaml" <<EOF
 # Written by scripts/container_e2e.sh: the compose cluster with a short run.
 configs:
   cluster:
-    file: $WORK/cluster.e2e.yaml
+    file: $config
 EOF
     [[ -n $AGENT_ARGS ]] || return 0
     # Diagnostics only: the compose command as the files render it, plus DPGAN_E2E_AGENT_ARGS.
@@ -473,6 +586,7 @@ cleanup() {
 # ---- main ---------------------------------------------------------------------------------------------------
 
 main() {
+    local before
     trap cleanup EXIT
     # A command of this script failing unexpectedly (set -e) must say what it was.
     trap 'log "unexpected failure: \"$BASH_COMMAND\" exited $? (line $LINENO)"' ERR
@@ -499,12 +613,14 @@ main() {
     COMPOSE_TIMEOUT=$T_DOWN compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
 
     step up
-    write_override
+    write_override "$WORK/cluster.e2e.yaml"
     COMPOSE_UP=1
     COMPOSE_TIMEOUT=$T_UP compose up -d --no-build --pull never || product_failure "compose up failed"
+    check_pki
     [[ $(containers | wc -l) -eq $REPLICAS ]] || product_failure "expected $REPLICAS containers: $(containers | tr '\n' ' ')"
     step health
     wait_all_training
+    check_identity_and_tls
     step stop
     COMPOSE_TIMEOUT=$T_STOP compose stop || product_failure "compose stop failed"
     wait_all_exited "stopped" 30
@@ -512,8 +628,27 @@ main() {
     step resume
     COMPOSE_TIMEOUT=$T_UP compose start || product_failure "compose start failed"
     wait_all_finished
-    wait_all_exited "exited after finishing" 60
+    check_ids_unchanged "compose stop/start"
+    check_identity_and_tls
     check_finished
+    step stop-served
+    COMPOSE_TIMEOUT=$T_STOP compose stop || product_failure "compose stop failed"
+    wait_all_exited "stopped" 30
+    check_finished_stopped
+    if [[ $CONFIG_CHANGE == 1 ]]; then
+        step new-config
+        write_override "$WORK/cluster.e2e-rounds2.yaml" 2
+        # --force-recreate: compose binds a config file into the container when it is created; neither a
+        # new file nor new content makes `up` re-create a container (the service hash does not cover it).
+        before=$(containers | xargs podman inspect --format '{{.Id}}' | cut -c1-12 | tr '\n' ' ')
+        COMPOSE_TIMEOUT=$T_UP compose up -d --force-recreate --no-build --pull never \
+            || product_failure "compose up --force-recreate (new configuration) failed"
+        log "re-created: containers $before-> $(containers | xargs podman inspect --format '{{.Id}}' | cut -c1-12 | tr '\n' ' ')"
+        check_pki
+        wait_new_run
+        check_ids_unchanged "re-creation with a new configuration"
+        check_identity_and_tls
+    fi
     end_step
 }
 
