@@ -72,6 +72,7 @@ DEPLOY_FLAGS = (
     "--tls-issue-from",
     "--when-finished",
     "--on-config-change",
+    "--metrics-port",
 )
 
 # Values the kubelet would give the env entries taken from the downward API or the ConfigMap, when the
