@@ -72,7 +72,7 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     rest = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
-    digest.update(json.dumps(rest, sort_keys=True).encode())
+    digest.update(json.dumps(rest, sort_keys=True, allow_nan=False).encode())
     return digest.hexdigest()
 
 
@@ -86,7 +86,7 @@ def serialize(checkpoint: Checkpoint) -> bytes:
         tensors[RNG_KEY] = checkpoint.rng_state.detach().cpu().contiguous()
     metadata = {
         "format": FORMAT_VERSION,
-        "config": json.dumps(checkpoint.config, sort_keys=True),
+        "config": json.dumps(checkpoint.config, sort_keys=True, allow_nan=False),
         "iteration": str(checkpoint.iteration),
         "step": str(checkpoint.step),
         "schema_hash": checkpoint.schema_hash,

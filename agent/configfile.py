@@ -1,24 +1,46 @@
-"""Configuration from a YAML file and command-line flags (flags win), built by agent.core.config."""
+"""Configuration from a YAML file and command-line flags (flags win), built by agent.core.config.
+
+YAML numbers follow YAML 1.2, as a flag does: ``lr: 2e-4``, ``1E3``, ``.5`` and ``-1.5e+3`` are floats
+(PyYAML alone follows YAML 1.1 there and reads them as strings); ``64`` stays an integer.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agent.core.config import ConfigError, TrainConfig, build_config
+from agent.core.config import ConfigError, TrainConfig, build_config, check_keys, coerce_value
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: an exponent needs no dot, and the dot no digit
+    before it. Integers resolve first (int's resolver comes earlier), so ``64`` stays an int."""
+
+
+# YAML 1.2 core schema floats ([-+]? ( \. [0-9]+ | [0-9]+ ( \. [0-9]* )? ) ( [eE] [-+]? [0-9]+ )?), and
+# .inf / .nan in their spellings (SafeLoader already resolves those; repeated so this list is whole).
+_YAML12_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The keys of a configuration file, each known and of the right type (errors name key and file)."""
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
     try:
-        values = yaml.safe_load(text)
+        values = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
     if values is None:
@@ -30,6 +52,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     bad_keys = [key for key in values if not isinstance(key, str)]
     if bad_keys:
         raise ConfigError(f"config file {path}: keys must be strings, got {bad_keys}")
+    check_keys(values, source=f"config file {path}")
+    for key, value in values.items():
+        try:
+            coerce_value(key, value)
+        except ConfigError as error:
+            raise ConfigError(f"config file {path}: {error}") from None
     return values
 
 

@@ -7,10 +7,13 @@ the temporary file behind, and ``remove_stale_temporaries`` clears those when a 
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # What a run leaves in its folder: a folder holding any of these holds a previous run.
 RUN_FILE_PATTERNS = (
@@ -26,6 +29,24 @@ RUN_FILE_PATTERNS = (
 PREVIOUS_FOLDER = "previous"
 
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what write_atomic's mkstemp call names
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf: a diverged run's losses, distances) replaced by
+    None, in dicts, lists and tuples at any depth, so the JSON written of it is valid JSON (``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes valid JSON: non-finite floats become ``null`` (``finite_json``)
+    and ``allow_nan=False`` guarantees no bare ``NaN``/``Infinity`` is ever written."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
 
 
 def write_atomic(path: Path, payload: bytes) -> None:

@@ -8,12 +8,17 @@
 ``loss_u`` over u, the second minimises ``loss_v`` over v (``loss_v = -loss_u`` for a zero-sum game).
 The global game is the average of the nodes' games; ``result.history`` tracks how far the nodes
 disagree and how close their average is to a stationary point of that global game.
+
+``topology`` is a name (``"ring"``, ...) or the mixing matrix itself, as a numpy array, a torch tensor or
+nested lists (2-D: one matrix, an adjacency when its entries are all 0/1; 3-D or a sequence of matrices:
+one per round), validated alike (``agent.core.topology.make_schedule``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +28,26 @@ from agent.core.engine import VirtualCluster
 from agent.core.topology import make_schedule
 
 GameLosses = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Topology = str | np.ndarray | torch.Tensor | Sequence[Any]
+
+
+def as_mixing(topology: Topology) -> str | np.ndarray | Sequence[np.ndarray]:
+    """A topology for ``make_schedule``: a torch tensor becomes the numpy array of its dtype (from any
+    device, detached), nested lists of numbers the 2-D (one matrix) or 3-D (one per round) array they
+    spell, and a sequence of matrices (arrays, tensors or nested lists) a list of arrays."""
+    if isinstance(topology, torch.Tensor):
+        return topology.detach().cpu().numpy()
+    if isinstance(topology, str | np.ndarray) or not isinstance(topology, Sequence):
+        return topology  # a name, an array, or something make_schedule refuses by name
+    if topology and all(isinstance(item, torch.Tensor | np.ndarray) for item in topology):
+        return [as_mixing(item) for item in topology]  # type: ignore[misc]
+    try:
+        array = np.asarray(topology)
+    except ValueError:  # ragged nested lists: one matrix per round, each checked by make_schedule
+        return [np.asarray(item) for item in topology]
+    if array.dtype == object:
+        return [np.asarray(as_mixing(item)) for item in topology]
+    return array
 
 
 @dataclass(frozen=True)
@@ -69,7 +94,7 @@ def simulate_game(
     u0: torch.Tensor,
     v0: torch.Tensor,
     *,
-    topology: str | np.ndarray | Sequence[np.ndarray] = "ring",
+    topology: Topology = "ring",
     rounds: int = 1,
     lr: float = 0.05,
     iterations: int = 200,
@@ -78,8 +103,13 @@ def simulate_game(
     beta1: float = 0.5,
     beta2: float = 0.9,
     record_history: bool = True,
+    wire_dtype: str = "float32",
 ) -> GameResult:
-    """Run ``iterations`` of ``algorithm`` on n = len(losses) virtual nodes; see the module docstring."""
+    """Run ``iterations`` of ``algorithm`` on n = len(losses) virtual nodes; see the module docstring.
+
+    ``wire_dtype`` (``bfloat16``, ``float16``) rounds the neighbours' vectors of every gossip round as
+    agents sending in that dtype do. A diverging game is a result here (not an error): its points may
+    become inf or NaN."""
     if not losses:
         raise ValueError("losses must hold one callable per node; got none")
     if u0.dim() != 1 or v0.dim() != 1:
@@ -90,7 +120,7 @@ def simulate_game(
         raise ValueError(f"iterations must be non-negative, got {iterations}")
     check_algorithm(algorithm)
     n, dim_u = len(losses), u0.numel()
-    schedule = make_schedule(topology, n, weights=weights)
+    schedule = make_schedule(as_mixing(topology), n, weights=weights)
     operators = [game_operator(loss, dim_u) for loss in losses]
     cluster = VirtualCluster(
         algorithm,
@@ -99,6 +129,7 @@ def simulate_game(
         lambda round_index: [schedule.row(i, round_index) for i in range(n)],
         rounds,
         Hyper(lr=lr, beta1=beta1, beta2=beta2),
+        wire_dtype=wire_dtype,
     )
     history: list[GameRecord] = []
     for _ in range(iterations):

@@ -1,17 +1,27 @@
-"""``dpgan-agent simulate``: n virtual nodes in one process (the reference the agents reproduce)."""
+"""``dpgan-agent simulate``: n virtual nodes in one process (the reference the agents reproduce).
+
+Exit status: 0 done; 2 a configuration error (bad key or value, a topology that cannot be built for
+``nodes``, data that cannot be loaded as configured); 1 the run failed (training diverged: a node's
+parameters became NaN or inf, named with the iteration).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent import __version__
 from agent.allocator import keep_freed_memory
 from agent.configfile import add_config_flags, config_from_args
+from agent.core.config import check_topology
+from agent.files import dumps_json
 from agent.logs import configure_logging, get_logger
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def _simulate_parser() -> argparse.ArgumentParser:
@@ -19,6 +29,7 @@ def _simulate_parser() -> argparse.ArgumentParser:
         prog="dpgan-agent simulate",
         description="Run n virtual DPOSG nodes in one process and write metrics, samples and checkpoints.",
     )
+    parser.add_argument("--version", action="version", version=f"dpgan-agent {__version__}")
     parser.add_argument("--out", type=Path, default=Path("runs/simulate"), help="output folder")
     parser.add_argument("--json", action="store_true", help="also print summary.json to stdout")
     add_config_flags(parser)
@@ -41,11 +52,13 @@ def simulate_main(argv: Sequence[str]) -> int:
     log = get_logger(mode="simulate")
     try:
         config = config_from_args(args)
+        check_topology(config, config.nodes)
     except ValueError as error:
         print(f"dpgan-agent simulate: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     import torch
 
+    from agent.core.algorithms import NonFiniteStateError
     from agent.train.simulate import run_simulation  # heavy imports after argument checks
 
     keep_freed_memory()
@@ -64,10 +77,14 @@ def simulate_main(argv: Sequence[str]) -> int:
         summary = run_simulation(
             config, args.out, progress=lambda record: log.info("evaluation", **_describe(record))
         )
-    except ValueError as error:
+    except NonFiniteStateError as error:
+        log.error("simulation failed", error=str(error))
         print(f"dpgan-agent simulate: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
+    except ValueError as error:  # data or topology the configuration asked for
+        print(f"dpgan-agent simulate: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     log.info("simulation finished", **_describe(summary["final"]), out=str(args.out))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(dumps_json(summary, indent=2))
     return 0

@@ -44,6 +44,39 @@ def test_four_agents_reproduce_the_simulator_bit_for_bit(tmp_path: Path) -> None
     assert worst <= 1e-6, f"agents differ from the simulator by {worst}"
 
 
+@pytest.mark.timeout(90)
+def test_agents_on_a_bfloat16_wire_reproduce_the_simulator_bit_for_bit(tmp_path: Path) -> None:
+    """Agents mix their own x exactly and their neighbours' as rounded on the wire; so does the simulator."""
+    flags = [*EQUIVALENCE_FLAGS, "--wire-dtype", "bfloat16"]
+    processes, _ = start_agents(tmp_path / "agents", 4, flags)
+    assert main(["simulate", *flags, "--nodes", "4", "--out", str(tmp_path / "sim")]) == 0
+    assert main(["simulate", *EQUIVALENCE_FLAGS, "--nodes", "4", "--out", str(tmp_path / "float32")]) == 0
+    assert wait_all(processes, timeout=75) == [0, 0, 0, 0]
+    for i in range(4):
+        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
+        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
+        exact = load_checkpoint(tmp_path / "float32" / f"node-{i}" / "final.safetensors")
+        assert agent.iteration == simulated.iteration == 50
+        for name, tensor in simulated.parameters.items():
+            assert torch.equal(tensor, agent.parameters[name]), f"node {i}: {name} differs"
+            assert not torch.equal(tensor, exact.parameters[name]), f"node {i}: {name} ignores the wire"
+        for name, tensor in simulated.optimizer.items():
+            assert torch.equal(tensor, agent.optimizer[name]), f"node {i}: optimizer {name} differs"
+        assert torch.equal(agent.rng_state, simulated.rng_state)
+
+
+@pytest.mark.timeout(90)
+def test_diverging_agents_stop_with_status_1_naming_the_iteration(tmp_path: Path) -> None:
+    flags = ["--dataset", "ring8", "--loss", "wgan_gp", "--lr", "5", "--iterations", "200",
+             "--eval-every", "200", "--eval-samples", "50", "--log-every", "1"]  # fmt: skip
+    processes, _ = start_agents(tmp_path, 2, flags)
+    assert wait_all(processes, timeout=75) == [1, 1]
+    for i in range(2):
+        text = (tmp_path / f"node-{i}" / "agent.log").read_text()
+        assert "training diverged at iteration" in text and f"the parameters of node node-{i}" in text
+        assert not (tmp_path / f"node-{i}" / "final.safetensors").exists()
+
+
 def test_killed_agent_does_not_stop_the_others(tmp_path: Path) -> None:
     flags = ["--dataset", "ring8", "--iterations", "400", "--eval-every", "400", "--eval-samples", "200",
              "--round-timeout", "2", "--log-every", "10"]  # fmt: skip

@@ -313,7 +313,7 @@ def test_a_refused_probe_never_leaves_a_client_without_a_handshake() -> None:
         try:
             await peers.refresh()
             client = peers.clients["b"]
-            peer.refuse = "view_period differs: local 10, peer 20"
+            peer.refuse = "view_period differs: this node: 10, peer: 20"
             await asyncio.sleep(0.06)
             await peers.refresh()
             assert "b" not in peers.clients and peers.alive() == []

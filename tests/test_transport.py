@@ -646,8 +646,8 @@ def test_identity_mismatch_names_the_difference() -> None:
     other_config = identity("b", config={**CONFIG, "lr": 0.001, "model": {"width": 32, "latent_dim": 16}})
     reason = identity_mismatch(local, other_config.handshake_request())
     assert reason is not None
-    assert "lr (local 0.0002, peer 0.001)" in reason
-    assert "model.width (local 64, peer 32)" in reason
+    assert "lr (this node: 0.0002, peer: 0.001)" in reason
+    assert "model.width (this node: 64, peer: 32)" in reason
     assert "latent_dim" not in reason
     assert "schema_hash differs" in str(
         identity_mismatch(local, identity("b", schema="x").handshake_request())
@@ -656,7 +656,8 @@ def test_identity_mismatch_names_the_difference() -> None:
     old_protocol = identity("b").handshake_request()
     old_protocol.protocol_version = PROTOCOL_VERSION + 1
     assert "protocol_version differs" in str(identity_mismatch(local, old_protocol))
-    assert "peer missing" in describe_config_difference('{"a": 1, "b": 2}', '{"a": 1}')
+    assert "b (this node: 2, peer: missing)" in describe_config_difference('{"a": 1, "b": 2}', '{"a": 1}')
+    assert "b (this node: missing, peer: 2)" in describe_config_difference('{"a": 1}', '{"a": 1, "b": 2}')
     assert "not valid JSON" in describe_config_difference("{}", "{")
 
 
@@ -815,7 +816,7 @@ def test_handshake_accepted_and_refused_with_reason() -> None:
 
             mismatched = identity("c", config={**CONFIG, "lr": 0.5})
             async with PeerClient(node.server.address) as client:
-                with pytest.raises(HandshakeRefused, match=r"lr \(local 0.0002, peer 0.5\)"):
+                with pytest.raises(HandshakeRefused, match=r"lr \(this node: 0.0002, peer: 0.5\)"):
                     await client.handshake(mismatched)
                 with pytest.raises(RuntimeError, match="before a successful handshake"):
                     await client.push_vector(torch.zeros(4), iteration=0, round=0)

@@ -24,14 +24,14 @@ Adam step. ``sgda`` keeps no previous direction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 
-AlgorithmName = Literal["dposg", "cposg", "sgda", "dpoadam"]
-ALGORITHMS: tuple[AlgorithmName, ...] = ("dposg", "cposg", "sgda", "dpoadam")
+from agent.core.names import ALGORITHMS, AlgorithmName
+
 GradientFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -175,3 +175,25 @@ def mean_canonical(vectors: list[torch.Tensor]) -> torch.Tensor:
     for v in vectors[1:]:
         total = total + v
     return total / len(vectors)
+
+
+class NonFiniteStateError(ValueError):
+    """A node's parameters hold NaN or inf: training diverged (too large a step size, an unstable loss).
+    The message names the iteration and the node; a run stops here rather than train on garbage."""
+
+
+def _finite(x: torch.Tensor) -> bool:
+    # One reduction: a finite sum means finite entries (a sum that overflows is checked entry by entry).
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def check_finite(states: Sequence[NodeState], iteration: int, nodes: Sequence[str] | None = None) -> None:
+    """Raise NonFiniteStateError naming the first node (``nodes[i]``, else its index) whose x is not
+    finite after ``iteration``."""
+    for i, state in enumerate(states):
+        if not _finite(state.x):
+            name = nodes[i] if nodes is not None else str(i)
+            raise NonFiniteStateError(
+                f"training diverged at iteration {iteration}: the parameters of node {name} are not "
+                "finite (NaN or inf); try a smaller lr"
+            )

@@ -3,19 +3,28 @@
 Keys split in two groups. *Cluster keys* define the computation and must be equal on every node (their
 hash is compared at the handshake, and the simulator and the agents are equivalent only when they
 agree). *Node keys* (output folder, device, logging) may differ per node.
+
+One cluster key is *simulator-only*: ``nodes``, the number of virtual nodes of ``dpgan-agent simulate``
+(and of ``--local``). Agents count the members they train with from membership, so ``nodes`` is not
+compared between agents: it is left out of ``cluster_dict()`` and ``config_hash()`` (the handshake, the
+default run id) and of what a checkpoint's configuration is compared on (``compared_keys()``).
+
+This module imports neither torch nor numpy, so ``dpgan-agent --help`` starts at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.core.algorithms import ALGORITHMS
+from agent.core.names import ALGORITHMS, TOPOLOGY_NAMES
 
 DATASETS = ("ring8", "grid25", "digits", "mnist", "cifar10", "folder")
 SPLITS = ("iid", "shards", "label_skew")
@@ -30,12 +39,12 @@ class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value; the message names the key."""
 
 
-def _cluster(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"cluster": True, "help": help})
+def _cluster(default: Any, help: str, *, simulator: bool = False) -> Any:
+    return field(default=default, metadata={"cluster": True, "simulator": simulator, "help": help})
 
 
 def _node(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"cluster": False, "help": help})
+    return field(default=default, metadata={"cluster": False, "simulator": False, "help": help})
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,13 @@ class TrainConfig:
     iterations: int | None = _cluster(None, "training iterations; default per dataset")
     seed: int = _cluster(0, "shared seed: x0 and every node's data stream derive from it")
     # who talks to whom
-    nodes: int = _cluster(4, "number of nodes (simulator and --local clusters)")
-    topology: str = _cluster(
-        "ring", "ring, torus, complete, exponential, one_peer_exponential, random_regular"
+    nodes: int = _cluster(
+        4,
+        "number of nodes of the simulator and of --local clusters; agents count the members they train "
+        "with, so it is not compared between agents",
+        simulator=True,
     )
+    topology: str = _cluster("ring", f"communication graph: {', '.join(TOPOLOGY_NAMES)}")
     degree: int | None = _cluster(None, "degree for topology=random_regular")
     weights: str = _cluster("metropolis", f"mixing weights: {', '.join(WEIGHTINGS)}")
     rounds: int = _cluster(1, "gossip rounds t per iteration")
@@ -93,20 +105,35 @@ class TrainConfig:
         "at large n; same random numbers, equal to the per-node path up to float rounding); agents ignore it",
     )
 
-    def cluster_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["cluster"]}
+    def cluster_dict(self, *, include_simulator: bool = False) -> dict[str, Any]:
+        """The cluster keys agents must agree on (``compared_keys()``); ``include_simulator`` adds the
+        simulator-only ones (``nodes``)."""
+        names = cluster_keys() if include_simulator else compared_keys()
+        return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        canonical = json.dumps(self.cluster_dict(), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(self.cluster_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def effective_run_id(self) -> str:
         """`run_id`, or the default derived from the cluster keys: agents started with identical
         configurations on one network meet; any other difference keeps them apart."""
         return self.run_id or default_run_id(self.config_hash())
+
+
+def cluster_keys() -> tuple[str, ...]:
+    """Every cluster key, simulator-only ones included."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cluster"])
+
+
+def compared_keys() -> tuple[str, ...]:
+    """The cluster keys compared between agents (handshake, ``config_hash``, default run id) and between a
+    checkpoint's configuration and the current one: every cluster key but the simulator-only ones."""
+    fields = dataclasses.fields(TrainConfig)
+    return tuple(f.name for f in fields if f.metadata["cluster"] and not f.metadata["simulator"])
 
 
 def default_run_id(config_hash: str) -> str:
@@ -218,15 +245,40 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     raise AssertionError(f"unhandled annotation {annotation} for {key}")
 
 
+def unknown_key_message(key: str, source: str | None = None) -> str:
+    """Why ``key`` is refused, with the closest valid key when one is close (a typo), else all keys."""
+    where = f" in {source}" if source else ""
+    names = field_names()
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:
+        # Flags are spelled with dashes: --batch-size for batch_size.
+        close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(names)}"
+    return f"unknown configuration key {key!r}{where}; {hint}"
+
+
+def check_keys(keys: Iterable[str], source: str | None = None) -> None:
+    """Refuse unknown keys, naming the first (and ``source``, e.g. the config file) with a suggestion."""
+    known = set(field_names())
+    unknown = sorted(key for key in keys if key not in known)
+    if not unknown:
+        return
+    message = unknown_key_message(unknown[0], source)
+    if len(unknown) > 1:
+        message += f" (also unknown: {', '.join(repr(key) for key in unknown[1:])})"
+    raise ConfigError(message)
+
+
+def coerce_value(key: str, value: Any) -> Any:
+    """Type-check one value of a known key (from a file or the command line); ints are accepted for floats."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return _coerce(key, value, str(known[key].type))
+
+
 def build_config(values: dict[str, Any]) -> TrainConfig:
     """A validated config from loose key/value pairs (YAML, CLI), per-dataset defaults filled in."""
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"unknown configuration key(s): {', '.join(unknown)}; valid keys: {', '.join(known)}"
-        )
-    typed = {key: _coerce(key, value, str(known[key].type)) for key, value in values.items()}
+    check_keys(values)
+    typed = {key: coerce_value(key, value) for key, value in values.items()}
     dataset = typed.get("dataset", TrainConfig.dataset)
     _check_choice("dataset", dataset, DATASETS)
     algorithm = typed.get("algorithm", TrainConfig.algorithm)
@@ -246,6 +298,7 @@ def validate(config: TrainConfig) -> None:
     _check_choice("loss", config.loss, LOSSES)
     _check_choice("model", config.model, MODEL_FAMILIES)
     _check_choice("weights", config.weights, WEIGHTINGS)
+    _check_choice("topology", config.topology, TOPOLOGY_NAMES)
     _check_choice("wire_dtype", config.wire_dtype, WIRE_DTYPES)
     _check_choice("device", config.device, DEVICES)
     for key in ("lr", "gp_weight", "eps", "width", "latent_dim", "batch_size", "nodes", "rounds", "threads"):
@@ -269,3 +322,20 @@ def validate(config: TrainConfig) -> None:
         )
     if config.topology == "random_regular" and config.degree is None:
         raise ConfigError("degree: topology random_regular needs a degree")
+    if config.topology != "random_regular" and config.degree is not None:
+        raise ConfigError(f"degree: applies only to topology random_regular, not to {config.topology!r}")
+
+
+def check_topology(config: TrainConfig, nodes: int) -> None:
+    """Refuse a topology that cannot be built for ``nodes`` nodes (random_regular: n·degree odd, degree
+    too large for n, ...) as a configuration error naming the keys. The simulator checks its ``nodes``
+    before it starts; agents build the graph of each membership view as it forms."""
+    from agent.core.topology import TopologyError, make_schedule  # numpy: only when a run starts
+
+    try:
+        make_schedule(config.topology, nodes, weights=config.weights, degree=config.degree, seed=config.seed)
+    except TopologyError as error:
+        raise ConfigError(
+            f"topology: {config.topology!r} with degree={config.degree} cannot be built for {nodes} "
+            f"nodes: {error}"
+        ) from error

@@ -2,6 +2,8 @@
 
 One iteration is exactly what each agent does over the network (see ``agent.core.algorithms``):
 t gossip rounds of ``mix`` on x, then the local half-steps around one stochastic gradient per node.
+With ``wire_dtype`` bfloat16 or float16 a round mixes, as an agent does, the node's own x as it is and
+its neighbours' x rounded to that dtype (what arrives over the wire).
 Gradients are evaluated node by node in ascending order, each node drawing from its own data stream,
 so the random numbers a node consumes do not depend on how many nodes share the process.
 """
@@ -27,17 +29,36 @@ from agent.core.algorithms import (
     mixes,
     needs_initial_gradient,
 )
-from agent.core.mixing import MixingError, Row, mix_all
+from agent.core.mixing import MixingError, Row, mix_all, wire_rounded
 
 RowsFn = Callable[[int], Sequence[Row]]  # global gossip round index -> one mixing row per node
 BatchedGradientFn = Callable[[torch.Tensor], torch.Tensor]  # (n, d) points -> (n, d) gradients, row i = T_i
 
+# ``wire_dtype`` (the configuration key) -> the dtype neighbours' vectors are rounded to; float32: none
+# (the agents send float32 state exactly).
+WIRE_ROUNDING: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
-def gossip(states: torch.Tensor, rows_at: RowsFn, first_round: int, rounds: int) -> torch.Tensor:
-    """``rounds`` successive mixing rounds of all nodes' x, rounds numbered from ``first_round``."""
+
+def wire_rounding(wire_dtype: str) -> torch.dtype | None:
+    try:
+        return WIRE_ROUNDING[wire_dtype]
+    except KeyError:
+        choices = ", ".join(WIRE_ROUNDING)
+        raise ValueError(f"unknown wire_dtype {wire_dtype!r}; expected one of {choices}") from None
+
+
+def gossip(
+    states: torch.Tensor, rows_at: RowsFn, first_round: int, rounds: int, wire: torch.dtype | None = None
+) -> torch.Tensor:
+    """``rounds`` successive mixing rounds of all nodes' x, rounds numbered from ``first_round``; with
+    ``wire``, neighbours' vectors are rounded to it in every round (``mix_all``)."""
     mixed = states
     for r in range(rounds):
-        mixed = mix_all(mixed, rows_at(first_round + r))
+        mixed = mix_all(mixed, rows_at(first_round + r), wire)
     return mixed
 
 
@@ -45,6 +66,7 @@ class VirtualCluster:
     """n nodes stepping in lockstep in one process.
 
     ``gradient_fns[i]`` evaluates node i's stochastic operator T_i at a flat point (both players).
+    ``wire_dtype``: the dtype x travels in between agents (see the module docstring).
     """
 
     def __init__(
@@ -55,8 +77,10 @@ class VirtualCluster:
         rows_at: RowsFn,
         rounds: int,
         hyper: Hyper,
+        wire_dtype: str = "float32",
     ) -> None:
         self.algorithm: AlgorithmName = check_algorithm(algorithm)
+        self.wire = wire_rounding(wire_dtype)
         if rounds < 1 and mixes(self.algorithm) and len(gradient_fns) > 1:
             raise ValueError(f"rounds must be at least 1 for {algorithm}, got {rounds}")
         if x0.dim() != 1:
@@ -88,7 +112,7 @@ class VirtualCluster:
     def mixed_points(self) -> list[torch.Tensor]:
         if not mixes(self.algorithm) or self.n == 1:
             return [s.x for s in self.states]
-        mixed = gossip(self.stacked(), self.rows_at, self.iteration * self.rounds, self.rounds)
+        mixed = gossip(self.stacked(), self.rows_at, self.iteration * self.rounds, self.rounds, self.wire)
         return list(mixed.unbind(0))
 
     def step(self) -> None:
@@ -138,8 +162,10 @@ class VectorizedCluster(VirtualCluster):
         rows_at: RowsFn,
         rounds: int,
         hyper: Hyper,
+        wire_dtype: str = "float32",
     ) -> None:
         self.algorithm = check_algorithm(algorithm)
+        self.wire = wire_rounding(wire_dtype)
         if nodes < 1:
             raise ValueError(f"a cluster needs at least one node, got {nodes}")
         if rounds < 1 and mixes(self.algorithm) and nodes > 1:
@@ -201,7 +227,16 @@ class VectorizedCluster(VirtualCluster):
             return mixed
         first_round = self.iteration * self.rounds
         for r in range(self.rounds):
-            mixed = torch.mm(self._mixing_matrix(first_round + r, mixed), mixed)
+            matrix = self._mixing_matrix(first_round + r, mixed)
+            if self.wire is None:
+                mixed = torch.mm(matrix, mixed)
+            else:
+                # Own vector as held, neighbours' as received: W_offdiag @ rounded(X) + diag(W) * X.
+                diagonal = matrix.diagonal()
+                off_diagonal = matrix - torch.diag(diagonal)
+                mixed = torch.addcmul(
+                    torch.mm(off_diagonal, wire_rounded(mixed, self.wire)), diagonal[:, None], mixed
+                )
         return mixed
 
     def _mixing_matrix(self, round_index: int, like: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,13 @@ def mix_row(row: Row, vectors: Mapping[int, torch.Tensor]) -> torch.Tensor:
     return acc
 
 
-def mix_all(states: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+def mix_all(states: torch.Tensor, rows: Sequence[Row], wire: torch.dtype | None = None) -> torch.Tensor:
     """Mix every node at once: ``states`` is (n, d); ``rows[i]`` is node i's row. Same bits as ``mix_row``.
+
+    ``wire``: the dtype vectors travel in (``wire_dtype`` bfloat16 or float16). An agent mixes its own
+    vector as it holds it and its neighbours' as they arrived, rounded to ``wire`` and widened back
+    (``agent.transport.frames``); with ``wire`` given, node i's row does the same: its own entry takes
+    ``states[i]``, every other entry ``states[j]`` rounded. None (float32 on the wire): no rounding.
 
     Rows are padded to a common length with zero weights at their end; adding ``0 * x`` leaves a
     finite accumulator unchanged, so padding does not alter the result.
@@ -64,16 +69,24 @@ def mix_all(states: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         for slot, (j, w) in enumerate(row):
             if not 0 <= j < n:
                 raise MixingError(f"mixing row of node {i} names node {j}, outside 0..{n - 1}")
-            index[i, slot] = j
+            # With a wire dtype, rows n..2n-1 of the source hold the rounded vectors.
+            index[i, slot] = j if wire is None or j == i else n + j
             weight[i, slot] = w
     dtype, device = states.dtype, states.device
+    source = states if wire is None else torch.cat([states, wire_rounded(states, wire)])
     weight_np = weight.astype(np.float32) if dtype == torch.float32 else weight
     index_t = torch.from_numpy(index).to(device)
     weight_t = torch.from_numpy(weight_np).to(device=device, dtype=dtype)
-    acc = states[index_t[:, 0]] * weight_t[:, 0:1]
+    acc = source[index_t[:, 0]] * weight_t[:, 0:1]
     for slot in range(1, width):
-        acc = acc + states[index_t[:, slot]] * weight_t[:, slot : slot + 1]
+        acc = acc + source[index_t[:, slot]] * weight_t[:, slot : slot + 1]
     return acc
+
+
+def wire_rounded(vectors: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
+    """``vectors`` as a neighbour receives them: rounded to the wire dtype (round to nearest even, as the
+    sender's conversion does) and widened back to their own dtype, exactly (the receiver's widening)."""
+    return vectors.to(wire).to(vectors.dtype)
 
 
 def renormalized_row(row: Row, present: set[int]) -> tuple[tuple[int, float], ...]:

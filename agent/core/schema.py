@@ -77,7 +77,7 @@ class ParameterLayout:
 
     def schema_hash(self) -> str:
         """SHA-256 of the names, shapes and dtypes in order (offsets follow from them)."""
-        canonical = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def flatten(

@@ -25,19 +25,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TOPOLOGY_NAMES: tuple[str, ...] = (
-    "ring",
-    "torus",
-    "complete",
-    "exponential",
-    "one_peer_exponential",
-    "random_regular",
-)
-WEIGHT_NAMES: tuple[str, ...] = ("metropolis", "uniform")
+from agent.core.names import TOPOLOGY_NAMES, WEIGHT_NAMES
 
 # Tolerance for symmetry and stochasticity checks: loose enough for matrices typed in by hand with
 # 1/3 rounded in the last bits, tight enough that a genuinely wrong weight is never accepted.
 MATRIX_ATOL = 1e-9
+
+
+def _matrix_atol(dtype: np.dtype, n: int) -> float:
+    """MATRIX_ATOL, or for a matrix held in a float type narrower than float64 (a float32 torch tensor:
+    1/3 is 0.3333333433 there, so a row of three sums to 1 + 3e-8) the rounding of n entries of it."""
+    if np.issubdtype(dtype, np.floating) and np.finfo(dtype).eps > np.finfo(np.float64).eps:
+        return max(MATRIX_ATOL, 2 * n * float(np.finfo(dtype).eps))
+    return MATRIX_ATOL
+
 
 DEFAULT_MAX_ATTEMPTS = 100
 
@@ -374,7 +375,8 @@ def validate_mixing_matrix(matrix: np.ndarray, *, require_connected: bool = True
     """Check that ``matrix`` is a valid mixing matrix; returns it as a float64 copy.
 
     Requirements, checked in this order so the first message names the root problem: square, finite,
-    symmetric and rows/columns summing to 1 (within MATRIX_ATOL), non-negative, connected.
+    symmetric and rows/columns summing to 1 (within MATRIX_ATOL; for float32 or float16 entries within
+    the rounding of the row in that type), non-negative, connected.
     """
     raw = np.asarray(matrix)
     if raw.ndim != 2 or raw.shape[0] != raw.shape[1] or raw.shape[0] == 0:
@@ -382,11 +384,12 @@ def validate_mixing_matrix(matrix: np.ndarray, *, require_connected: bool = True
     if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool) or np.iscomplexobj(raw):
         raise MixingMatrixError(f"mixing matrix must hold real numbers, got dtype {raw.dtype}")
     weights = raw.astype(np.float64)
+    atol = _matrix_atol(raw.dtype, raw.shape[0])
     not_finite = np.argwhere(~np.isfinite(weights))
     if not_finite.size:
         i, j = (int(x) for x in not_finite[0])
         raise MixingMatrixError(f"mixing matrix has a non-finite entry: W[{i},{j}]={weights[i, j]}")
-    asymmetric = np.argwhere(np.abs(weights - weights.T) > MATRIX_ATOL)
+    asymmetric = np.argwhere(np.abs(weights - weights.T) > atol)
     if asymmetric.size:
         i, j = (int(x) for x in asymmetric[0])
         raise MixingMatrixError(
@@ -399,11 +402,11 @@ def validate_mixing_matrix(matrix: np.ndarray, *, require_connected: bool = True
         raise MixingMatrixError(f"mixing matrix has a negative entry: W[{i},{j}]={_fmt(weights[i, j])}")
     for axis, kind in ((1, "row"), (0, "column")):
         sums = weights.sum(axis=axis)
-        off = np.flatnonzero(np.abs(sums - 1.0) > MATRIX_ATOL)
+        off = np.flatnonzero(np.abs(sums - 1.0) > atol)
         if off.size:
             index = int(off[0])
             raise MixingMatrixError(
-                f"mixing matrix {kind} {index} sums to {_fmt(sums[index])}, expected 1 (atol {MATRIX_ATOL})"
+                f"mixing matrix {kind} {index} sums to {_fmt(sums[index])}, expected 1 (atol {atol:g})"
             )
     if require_connected:
         problem = _disconnected_message("mixing matrix graph", weights)

@@ -18,11 +18,13 @@ import time
 from collections.abc import Sequence
 
 from agent.discovery import SERVICE_TYPE, Candidate, DiscoveryError, build_discovery, parse_address
+from agent.files import finite_json
 from agent.logs import configure_logging
 
 
 def _emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "wall": time.time(), **fields}), flush=True)
+    record = finite_json({"event": event, "wall": time.time(), **fields})
+    print(json.dumps(record, allow_nan=False), flush=True)
 
 
 def _describe(candidate: Candidate) -> dict[str, object]:

@@ -35,6 +35,7 @@ from agent.core.algorithms import (
     AlgorithmName,
     NodeState,
     check_algorithm,
+    check_finite,
     local_iteration,
     mixes,
 )
@@ -110,7 +111,7 @@ class PeerAgent:
             advertise_address=options.advertise,
             schema_hash=self.problem.layout.schema_hash(),
             config_hash=config.config_hash(),
-            config_json=json.dumps(config.cluster_dict(), sort_keys=True),
+            config_json=json.dumps(config.cluster_dict(), sort_keys=True, allow_nan=False),
             instance_id=secrets.token_hex(8),
             run_id=config.effective_run_id(),
         )
@@ -228,7 +229,7 @@ class PeerAgent:
             return self.finished.handshake_policy(request)
         period = request.status.view_period
         if period and period != self.options.view_period:
-            return False, f"view_period differs: local {self.options.view_period}, peer {period}"
+            return False, f"view_period differs: this node: {self.options.view_period}, peer: {period}"
         accepted, reason = self.registry.on_inbound_handshake(request)
         if accepted and request.status.stop_at_iteration and self.training:
             self.stop.offer(request.status.stop_at_iteration, source=request.node_id)
@@ -363,6 +364,7 @@ class PeerAgent:
             if traffic.troubled or traffic.behind:
                 self._relay()  # fresh statuses from everyone: the out-of-step rule needs them
             self.iteration += traffic.iterations
+            check_finite([self.state], self.iteration, [self.options.node_id])  # diverged: stop, exit 1
             if not traffic.participants:
                 self.iterations_alone += traffic.iterations
             await recorder.after(traffic)

@@ -334,6 +334,9 @@ def agent_main(argv: Sequence[str]) -> int:
         return EXIT_USAGE
     import torch  # after the arguments: --help and --version start without it
 
+    from agent.core.config import ConfigError
+    from agent.core.topology import TopologyError
+    from agent.train.data import DatasetError
 
     keep_freed_memory()
     torch.set_num_threads(config.threads)
@@ -348,6 +351,10 @@ def agent_main(argv: Sequence[str]) -> int:
     try:
         agent = PeerAgent(config, options)
         return asyncio.run(_run_agent(agent))
+    except (ConfigError, TopologyError, DatasetError) as error:  # configuration errors: the usage status
+        log.error("agent failed", error=str(error))
+        print(f"dpgan-agent: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (AgentError, CheckpointError, DiscoveryError, ValueError, OSError) as error:
         log.error("agent failed", error=str(error))
         print(f"dpgan-agent: error: {error}", file=sys.stderr)

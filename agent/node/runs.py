@@ -9,7 +9,6 @@ The comparison is the one ``restore_state`` applies to the checkpoint it resumes
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint import Checkpoint, CheckpointError, Latest, load_checkpoint, load_latest
-from agent.core.config import TrainConfig, default_run_id
+from agent.core.config import TrainConfig, compared_keys, default_run_id
 from agent.files import PREVIOUS_FOLDER, clear_run_files, previous_run_files, remove_stale_temporaries
 from agent.node.options import AgentOptions
 from agent.node.recorder import CHECKPOINT_NAME, FINAL_NAME
@@ -29,7 +28,7 @@ from agent.train.workload import GanProblem
 
 ON_CONFIG_CHANGE = ("refuse", "new-run")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_CLUSTER_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cluster"])
+_CLUSTER_KEYS = frozenset(compared_keys())  # what agents compare: not the simulator-only nodes
 
 
 def config_differences(stored: Mapping[str, Any], config: TrainConfig) -> list[str]:
@@ -65,7 +64,7 @@ def archive_label(checkpoint: Checkpoint) -> str:
     label = checkpoint.run_id or checkpoint.config.get("run_id")
     if not isinstance(label, str) or not label:
         cluster = {k: v for k, v in checkpoint.config.items() if k in _CLUSTER_KEYS}
-        canonical = json.dumps(cluster, sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(cluster, sort_keys=True, separators=(",", ":"), allow_nan=False)
         label = default_run_id(hashlib.sha256(canonical.encode()).hexdigest())
     return _UNSAFE.sub("_", label)[:63].strip("._") or "run"
 

@@ -9,7 +9,6 @@ that cannot be loaded. Torch and the models are imported only after the argument
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -153,12 +152,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from agent.files import dumps_json
     from agent.tools.evaluate import describe_result, evaluate_model
     from agent.tools.loading import load_model
 
     model = load_model(args.checkpoint, args.device, with_dataset=True, data_path=args.data_path)
     result = evaluate_model(model, args.samples, args.seed)
-    print(json.dumps(result, indent=2) if args.json else describe_result(result))
+    print(dumps_json(result, indent=2) if args.json else describe_result(result))
     return 0
 
 

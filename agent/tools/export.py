@@ -27,7 +27,6 @@ latents.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from agent.files import write_atomic
+from agent.files import dumps_json, write_atomic
 from agent.models.dcgan import DCGANGenerator
 from agent.models.mlp import MLPGenerator, ScaledLinear
 from agent.tools.loading import LoadedModel, ToolError
@@ -247,7 +246,7 @@ def export_generator(model: LoadedModel, out: Path) -> list[Path]:
     plain = build_plain(layers)
     plain.load_state_dict(weights)
     description = describe(model, layers)
-    description_text = json.dumps(description, indent=2) + "\n"
+    description_text = dumps_json(description, indent=2) + "\n"
     script = io.BytesIO()
     with _torchscript_allowed():
         torch.jit.save(torch.jit.script(plain), script, _extra_files={DESCRIPTION_NAME: description_text})

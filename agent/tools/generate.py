@@ -20,7 +20,6 @@ for the latent streams), float32, shape (N, *sample_shape): 2-D points in the da
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from agent.files import write_atomic
+from agent.files import dumps_json, write_atomic
 from agent.tools.loading import LoadedModel, ToolError
 from agent.train.images import save_image_grid, save_scatter_png
 
@@ -84,7 +83,7 @@ def _metadata(model: LoadedModel, count: int, seed: int | None) -> dict[str, str
         "seed": seed,
         "latents": "evaluation stream of the agents" if seed is None else f"torch.Generator seeded {seed}",
     }
-    return {"dpgan": json.dumps(facts, sort_keys=True)}
+    return {"dpgan": dumps_json(facts, sort_keys=True)}
 
 
 def write_samples(model: LoadedModel, count: int, out: Path, seed: int | None = None) -> list[Path]:

@@ -13,12 +13,15 @@ Datasets (:func:`load_dataset`, names in :data:`DATASET_NAMES`)
                 gzipped with a ``.gz`` suffix) in ``path``: (1, 28, 28), 10 classes.
     ``cifar10`` the "binary version" batches ``data_batch_1.bin`` … ``data_batch_5.bin`` in ``path`` or in
                 ``path/cifar-10-batches-bin``: (3, 32, 32), 10 classes. No pickle is ever read.
-    ``folder``  image files (png, jpg, jpeg, bmp, gif, webp) read with Pillow. If ``path`` has
+    ``folder``  image files (png, jpg, jpeg, bmp, gif, webp, tif, tiff) read with Pillow. If ``path`` has
                 subfolders holding images, each such subfolder (searched recursively) is a class,
                 numbered in sorted name order, and subfolders holding no images are ignored; otherwise the
-                images directly in ``path`` form an unlabelled set. Images are converted to RGB
-                (``channels=3``, the default) or greyscale (``channels=1``), centre-cropped to a square
-                (so nothing is stretched) and resized to ``image_size`` (default 32) with bicubic filtering.
+                images directly in ``path`` form an unlabelled set. Every image is first brought to 8-bit
+                RGB (``channels=3``, the default) or greyscale (``channels=1``) as an image viewer shows
+                it (``agent.train.images.normalize_image``: EXIF orientation applied, 16-bit greys scaled
+                to 8 bits, transparency composited onto white, palette, CMYK, 1-bit and float images
+                converted), then centre-cropped to a square (so nothing is stretched) and resized to
+                ``image_size`` (default 32) with bicubic filtering.
 
 Images are float32 in [-1, 1] (pixel byte 0 → −1.0, 255 → 1.0 exactly; digits' 0..16 → −1..1).
 ``image_size`` on ``digits``, ``mnist`` and ``cifar10`` resizes the decoded tensors to a square with
@@ -64,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from agent.train.images import normalize_image
+
 DATASET_NAMES: Final = ("ring8", "grid25", "digits", "mnist", "cifar10", "folder")
 PARTITION_SCHEMES: Final = ("iid", "shards", "label_skew")
 PartitionScheme = Literal["iid", "shards", "label_skew"]
@@ -74,7 +79,7 @@ GRID25_STD: Final = 0.05
 MIXTURE_POOL_SIZE: Final = 12_500
 DEFAULT_HELDOUT_FRACTION: Final = 0.2
 DEFAULT_FOLDER_IMAGE_SIZE: Final = 32
-IMAGE_EXTENSIONS: Final = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+IMAGE_EXTENSIONS: Final = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 MNIST_IMAGES_MAGIC: Final = 0x00000803
 MNIST_LABELS_MAGIC: Final = 0x00000801
@@ -659,7 +664,8 @@ def _load_folder(
 def _read_image(path: Path, image_size: int, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as opened:
-            image = opened.convert(mode)  # convert() forces a full decode, so truncation surfaces here
+            # Decodes in full (truncation surfaces here) and brings every Pillow mode to 8-bit ``mode``.
+            image = normalize_image(opened, mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{path}: Pillow cannot read this image: {error}") from error
     # Centre-crop to a square first so resizing never changes the aspect ratio of the content.

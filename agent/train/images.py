@@ -1,5 +1,7 @@
-"""PNG snapshots of training progress, drawn with Pillow only (no matplotlib).
+"""Images in and out, with Pillow only (no matplotlib).
 
+- :func:`normalize_image`: any image Pillow opens, as an image viewer shows it, in 8-bit greyscale or RGB
+  (what the ``folder`` data set trains on).
 - :func:`save_image_grid`: a grid of generated images, upscaled with nearest neighbour so 8×8 digits
   stay crisp and visible.
 - :func:`save_scatter_png`: a scatter plot of 2-D samples with the mixture's modes marked.
@@ -16,8 +18,9 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
 from agent.files import write_atomic
@@ -37,6 +40,56 @@ AUTO_EXTENT_MARGIN = 1.25
 # Robust to a handful of diverged samples that would otherwise shrink everything else to a dot.
 AUTO_EXTENT_SAMPLE_QUANTILE = 0.99
 MIN_EXTENT = 1e-3
+
+
+# Transparent pixels are composited onto this colour (white, as most image viewers and web pages show
+# them), so a colour hidden under alpha 0 never reaches training.
+IMAGE_BACKGROUND = (255, 255, 255)
+# Full scale of Pillow's integer modes: 16-bit files (PNG, TIFF) open as I;16* or, in older Pillow, as I.
+_INTEGER_MODES_MAX = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def normalize_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in 8-bit ``mode`` ("L" greyscale or "RGB"), as an image viewer shows it.
+
+    One step for every mode Pillow returns:
+
+    * EXIF orientation is applied first (a phone photo stored sideways is upright, as viewers show it).
+    * 16-bit and 32-bit integer greys (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``) are scaled from
+      their 16-bit full range 0..65535 to 0..255 (rounded; ``I`` is clipped to that range), never clipped
+      at 255 as Pillow's own conversion does (which turns a 16-bit photo into two grey levels).
+    * 32-bit float greys (``F``) are read as 0.0 = black .. 1.0 = white (clipped; NaN is black).
+    * Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, and a palette ``P`` image with
+      a transparent colour) is composited onto :data:`IMAGE_BACKGROUND`, white: a fully transparent
+      pixel is white whatever colour it hides, a half transparent one is blended with white.
+    * Palette (``P``), 1-bit (``1``: 0 and 255), ``CMYK``, ``YCbCr`` and the rest convert with Pillow.
+    * Greyscale from colour uses Pillow's ITU-R 601-2 luma; colour from greyscale repeats the grey.
+    """
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _INTEGER_MODES_MAX:
+        values = np.asarray(image).astype(np.float64)
+        scaled = np.clip(values, 0, _INTEGER_MODES_MAX[image.mode]) * (255 / _INTEGER_MODES_MAX[image.mode])
+        image = Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        image = Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode in ("La", "RGBa"):
+        image = image.convert(image.mode[:-1] + "A")  # un-premultiply first
+    if image.mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*IMAGE_BACKGROUND, 255))
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != mode:
+        # RGB -> L: luma; L -> RGB: grey repeated; 1, P, CMYK, YCbCr, ... -> either: Pillow's conversion.
+        image = image.convert(mode if image.mode in ("L", "RGB") else "RGB")
+        if image.mode != mode:
+            image = image.convert(mode)
+    return image
 
 
 def _write_png_atomically(image: Image.Image, path: str | os.PathLike[str]) -> None:
@@ -172,4 +225,4 @@ def save_scatter_png(
     _write_png_atomically(image, path)
 
 
-__all__ = ["save_image_grid", "save_scatter_png"]
+__all__ = ["IMAGE_BACKGROUND", "normalize_image", "save_image_grid", "save_scatter_png"]

@@ -6,11 +6,14 @@ Writes into the output folder:
 * ``summary.json``: the final evaluation, reference values and run facts;
 * ``samples-<iteration>.png`` and ``samples-final.png``;
 * ``node-<i>/final.safetensors``: each node's parameters, optimizer and RNG state (see agent.checkpoint).
+
+Every JSON file is valid JSON (a non-finite number is written as ``null``). A node whose parameters
+become non-finite (NaN or inf: training diverged) stops the run with ``NonFiniteStateError`` naming the
+iteration and the node; nothing is written for the diverged state.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +22,11 @@ from typing import Any
 import torch
 
 from agent.checkpoint import Checkpoint, save_checkpoint
-from agent.core.algorithms import Hyper, NodeState
+from agent.core.algorithms import Hyper, NodeState, check_finite
 from agent.core.config import TrainConfig
 from agent.core.engine import VectorizedCluster, VirtualCluster
 from agent.core.topology import MixingSchedule, make_schedule
-from agent.files import write_atomic
+from agent.files import dumps_json, write_atomic
 from agent.train.batched import BatchedGanOperator
 from agent.train.data import load_dataset, partition
 from agent.train.evaluate import Evaluator
@@ -88,11 +91,24 @@ def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = N
     if config.vectorize:
         batched = BatchedGanOperator(problem, operators)
         cluster = VectorizedCluster(
-            config.algorithm, problem.x0, batched, n, rows_at, config.rounds, hyper_from(config)
+            config.algorithm,
+            problem.x0,
+            batched,
+            n,
+            rows_at,
+            config.rounds,
+            hyper_from(config),
+            wire_dtype=config.wire_dtype,
         )
     else:
         cluster = VirtualCluster(
-            config.algorithm, problem.x0, operators, rows_at, config.rounds, hyper_from(config)
+            config.algorithm,
+            problem.x0,
+            operators,
+            rows_at,
+            config.rounds,
+            hyper_from(config),
+            wire_dtype=config.wire_dtype,
         )
     train_seconds = time.perf_counter() - started
     metrics_path = out / "metrics.jsonl"
@@ -101,6 +117,7 @@ def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = N
     for k in range(1, config.iterations + 1):
         step_started = time.perf_counter()
         cluster.step()
+        check_finite(cluster.states, k)
         train_seconds += time.perf_counter() - step_started
         if k % config.eval_every == 0 or k == config.iterations:
             record = {
@@ -113,7 +130,7 @@ def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = N
                 **mean_losses(operators),
             }
             with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps_json(record) + "\n")
             evaluator.save_samples(problem, cluster.average(), out / f"samples-{k:06d}.png")
             if progress is not None:
                 progress(record)
@@ -137,5 +154,5 @@ def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = N
         "spectral_rho": schedule.rho(config.rounds),
         "config": config.to_dict(),
     }
-    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_atomic(out / "summary.json", (dumps_json(summary, indent=2) + "\n").encode())
     return summary

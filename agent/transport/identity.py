@@ -71,15 +71,15 @@ class PeerIdentity:
 def identity_mismatch(local: PeerIdentity, remote: pb.HandshakeRequest | pb.HandshakeResponse) -> str | None:
     """Return why `remote` cannot train with `local` (naming the difference), or None if compatible."""
     if remote.protocol_version != PROTOCOL_VERSION:
-        return f"protocol_version differs: local {PROTOCOL_VERSION}, peer {remote.protocol_version}"
+        return f"protocol_version differs: this node: {PROTOCOL_VERSION}, peer: {remote.protocol_version}"
     if not remote.node_id:
         return "peer sent an empty node_id"
     if remote.node_id == local.node_id:
         return f"peer uses the same node_id {remote.node_id!r} as this node"
     if remote.schema_hash != local.schema_hash:
         return (
-            f"schema_hash differs (model/parameter layout): local {local.schema_hash!r}, "
-            f"peer {remote.schema_hash!r}"
+            f"schema_hash differs (model/parameter layout): this node: {local.schema_hash!r}, "
+            f"peer: {remote.schema_hash!r}"
         )
     if remote.config_hash != local.config_hash:
         return f"config_hash differs: {describe_config_difference(local.config_json, remote.config_json)}"
@@ -93,11 +93,12 @@ def identity_mismatch(local: PeerIdentity, remote: pb.HandshakeRequest | pb.Hand
 
 
 def describe_config_difference(local_json: str, remote_json: str) -> str:
-    """Name the keys (dotted paths) whose values differ between two canonical config JSON documents."""
+    """Name the keys (dotted paths) whose values differ between two canonical config JSON documents,
+    each as ``key (this node: X, peer: Y)``; ``local_json`` is this node's."""
     try:
         local_config = json.loads(local_json)
     except json.JSONDecodeError as error:
-        return f"local config_json is not valid JSON ({error})"
+        return f"this node's config_json is not valid JSON ({error})"
     try:
         remote_config = json.loads(remote_json)
     except json.JSONDecodeError as error:
@@ -123,10 +124,10 @@ def _collect_differences(path: str, local: Any, remote: Any, differences: list[s
         for key in sorted(local.keys() | remote.keys()):
             child = f"{path}.{key}" if path else str(key)
             if key not in remote:
-                differences.append(f"{child} (local {_quote(local[key])}, peer missing)")
+                differences.append(f"{child} (this node: {_quote(local[key])}, peer: missing)")
             elif key not in local:
-                differences.append(f"{child} (local missing, peer {_quote(remote[key])})")
+                differences.append(f"{child} (this node: missing, peer: {_quote(remote[key])})")
             else:
                 _collect_differences(child, local[key], remote[key], differences)
     elif local != remote or type(local) is not type(remote):
-        differences.append(f"{path or '<root>'} (local {_quote(local)}, peer {_quote(remote)})")
+        differences.append(f"{path or '<root>'} (this node: {_quote(local)}, peer: {_quote(remote)})")
