@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from agent.configfile import add_config_flags, config_from_args
 from agent.core.config import check_topology
 from agent.files import dumps_json
 from agent.logs import configure_logging, get_logger
+from agent.progress import ProgressBar
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+PROGRESS_EVERY_S = 10.0
 
 
 def _simulate_parser() -> argparse.ArgumentParser:
@@ -73,9 +76,22 @@ def simulate_main(argv: Sequence[str]) -> int:
         iterations=config.iterations,
         out=str(args.out),
     )
+    bar = ProgressBar(config.iterations or 0, desc="simulate")
+    last_line = [time.monotonic()]
+
+    def on_iteration(k: int) -> None:
+        bar.update_to(k)
+        # Without a terminal: a progress line every PROGRESS_EVERY_S seconds, never minutes of silence.
+        if not bar.enabled and time.monotonic() - last_line[0] >= PROGRESS_EVERY_S:
+            last_line[0] = time.monotonic()
+            log.info("progress", iteration=k, **bar.eta_fields(k))
+
     try:
         summary = run_simulation(
-            config, args.out, progress=lambda record: log.info("evaluation", **_describe(record))
+            config,
+            args.out,
+            progress=lambda record: log.info("evaluation", **_describe(record)),
+            on_iteration=on_iteration,
         )
     except NonFiniteStateError as error:
         log.error("simulation failed", error=str(error))
@@ -84,6 +100,8 @@ def simulate_main(argv: Sequence[str]) -> int:
     except ValueError as error:  # data or topology the configuration asked for
         print(f"dpgan-agent simulate: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        bar.close()
     log.info("simulation finished", **_describe(summary["final"]), out=str(args.out))
     if args.json:
         print(dumps_json(summary, indent=2))

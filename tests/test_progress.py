@@ -54,3 +54,24 @@ def test_progress_bar_eta_and_terminal_bar(capsys: pytest.CaptureFixture[str]) -
     bar.close()
     err = capsys.readouterr().err
     assert "node-0" in err and "5/10" in err and "loss_g=0.1235" in err and "above the bar" in err
+
+
+def test_the_simulator_reports_progress_between_evaluations(tmp_path: Path, monkeypatch) -> None:
+    """No minutes of silence: with PROGRESS_EVERY_S at 0 a line per iteration, each with an ETA."""
+    import agent.simulate_cli as simulate_cli
+    from agent.cli import main
+    from agent.logs import configure_logging
+
+    monkeypatch.setattr(simulate_cli, "PROGRESS_EVERY_S", 0.0)
+    log = tmp_path / "log.jsonl"
+    with log.open("w") as stream:
+        monkeypatch.setattr(
+            simulate_cli, "configure_logging", lambda: configure_logging(stream=stream, json=True)
+        )
+        argv = ["simulate", "--dataset", "ring8", "--nodes", "2", "--iterations", "6", "--eval-every", "6",
+                "--eval-samples", "200", "--out", str(tmp_path / "out")]  # fmt: skip
+        assert main(argv) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    progress = [line for line in lines if line["event"] == "progress"]
+    assert [line["iteration"] for line in progress] == [1, 2, 3, 4, 5, 6]
+    assert progress[-1]["total"] == 6 and progress[-1]["percent"] == 100.0 and "eta_s" in progress[-1]

@@ -67,7 +67,14 @@ def mean_losses(operators: list[NodeOperator]) -> dict[str, float]:
     return {key: sum(losses[key] for losses in per_node) / len(per_node) for key in per_node[0]}
 
 
-def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+def run_simulation(
+    config: TrainConfig,
+    out: Path,
+    progress: Progress | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the n virtual nodes; ``progress`` gets every evaluation record, ``on_iteration`` every
+    iteration number (for a progress bar)."""
     assert config.iterations is not None and config.eval_every is not None
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -119,6 +126,8 @@ def run_simulation(config: TrainConfig, out: Path, progress: Progress | None = N
         cluster.step()
         check_finite(cluster.states, k)
         train_seconds += time.perf_counter() - step_started
+        if on_iteration is not None:
+            on_iteration(k)
         if k % config.eval_every == 0 or k == config.iterations:
             record = {
                 "iteration": k,
