@@ -107,8 +107,21 @@ def cpu_per_exchange(marks: list[float]) -> float:
     return (marks[-1] - marks[0]) / (len(marks) - 1)
 
 
-def start_process(*, target: Callable[..., None], args: tuple) -> mp.process.BaseProcess:
-    process = mp.get_context("spawn").Process(target=target, args=args)
+# --pin: the sending side on CPU 0, the receiving side on CPU 1 (each end of an exchange on a core of its
+# own, as on two machines) instead of both processes sharing every core.
+PIN: dict[str, int] = {}
+
+
+def _pinned(cpu: int | None, target: Callable[..., None], args: tuple) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    target(*args)
+
+
+def start_process(
+    *, target: Callable[..., None], args: tuple, role: str = "receiver"
+) -> mp.process.BaseProcess:
+    process = mp.get_context("spawn").Process(target=_pinned, args=(PIN.get(role), target, args))
     process.start()
     return process
 
@@ -303,7 +316,7 @@ def bench_gloo(sizes_mb: list[int], repeats: int) -> dict[int, Measured]:
     context = mp.get_context("spawn")
     sender_end, sender_child = context.Pipe()
     receiver_end, receiver_child = context.Pipe()
-    sender = start_process(target=gloo_worker, args=(0, port, sizes_mb, repeats, sender_child))
+    sender = start_process(target=gloo_worker, args=(0, port, sizes_mb, repeats, sender_child), role="sender")
     receiver = start_process(target=gloo_worker, args=(1, port, sizes_mb, repeats, receiver_child))
     timings, sender_cpu = sender_end.recv()
     _, receiver_cpu = receiver_end.recv()
@@ -324,7 +337,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all transports")
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--pin", action="store_true", help="sender on CPU 0, receiver on CPU 1 (as on two machines)"
+    )
     arguments = parser.parse_args()
+    if arguments.pin:
+        PIN.update(sender=0, receiver=1)
+        os.sched_setaffinity(0, {0})  # this process sends for gRPC and raw TCP
     torch.set_num_threads(1)  # every process gets one core; the receivers need theirs
     quiet_logs()
     keep_freed_memory()
@@ -361,7 +380,8 @@ def main() -> None:
     print(
         f"# loopback, {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, chunk_bytes={chunk_bytes}, "
         f"{arguments.rounds} round(s) x median of {repeats} after 1 warm-up, "
-        f"load average at start {os.getloadavg()[0]:.2f}",
+        f"load average at start {os.getloadavg()[0]:.2f}"
+        + (", sender on CPU 0, receiver on CPU 1" if PIN else ""),
         flush=True,
     )
     rounds: list[dict[str, dict[int, Measured]]] = []
