@@ -49,11 +49,15 @@ def dumps_json(value: Any, **kwargs: Any) -> str:
     return json.dumps(finite_json(value), allow_nan=False, **kwargs)
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync it, rename it over ``path``, fsync the folder."""
+def write_atomic(path: Path, payload: bytes, mode: int | None = None) -> None:
+    """Write to a temporary file in the same folder, fsync it, rename it over ``path``, fsync the folder:
+    a reader sees the old file or the new one, never a part. ``mode``: permission bits, set before any
+    byte is written (the temporary file is created 0600); None keeps 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(descriptor, mode)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -14,15 +14,13 @@ A node certificate (RFC 5280 profile):
   clientAuth (each node is server and client), authority and subject key identifiers.
 
 Every time here is a timezone-aware UTC ``datetime``; a naive ``now`` is taken as UTC. This module
-imports only the standard library and ``cryptography`` (no grpc, no torch).
+imports only the standard library, ``cryptography`` and ``agent.files`` (no grpc, no torch).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.files import write_atomic
 
 # The DNS subjectAltName every node certificate carries; clients check servers against it.
 CLUSTER_SERVER_NAME: Final = "dpgan-peer"
@@ -570,25 +570,9 @@ def expires_soon(
 
 def write_file_atomic(path: Path, payload: bytes, mode: int) -> None:
     """Write ``payload`` to ``path`` with permission bits ``mode`` so a reader sees the old file or the
-    new one, never a partial one: a temporary file in the same folder (created 0600, set to ``mode``
-    before any byte is written), fsync, ``os.replace`` over ``path``, fsync of the folder.
-    Raises OSError when the folder is not writable."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(descriptor, mode)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    new one, never a partial one (agent.files.write_atomic). Raises OSError when the folder is not
+    writable."""
+    write_atomic(path, payload, mode)
 
 
 def write_certificate(path: Path, cert_pem: bytes) -> None:
