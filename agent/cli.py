@@ -7,11 +7,16 @@ trained checkpoint), otherwise the networked agent (agent.node.main).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC core logs every refused TLS handshake (a stranger's probe) at INFO on stderr: a host without a
+    # certificate could grow an agent's log without bound. Errors only, unless the operator asks
+    # (GRPC_VERBOSITY=info shows why each TLS handshake failed; docs/security.md). Read when grpc loads.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] == "simulate":
         from agent.simulate_cli import simulate_main

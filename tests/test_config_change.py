@@ -101,18 +101,19 @@ def make_checkpoint(config: dict[str, object], run_id: str | None) -> Checkpoint
     )
 
 
-def test_the_comparison_skips_iterations_and_compares_an_explicit_run_id_only() -> None:
+def test_the_comparison_skips_iterations_and_compares_explicit_run_ids() -> None:
     config = TrainConfig(dataset="ring8", iterations=100, rounds=2)
     stored = TrainConfig(dataset="ring8", iterations=20, rounds=2).to_dict()
     assert config_differences(stored, config) == [] and run_differences(stored, config) == []
     assert run_differences(stored | {"rounds": 1, "lr": 0.5}, config) == ["lr", "rounds"]
     named = TrainConfig(dataset="ring8", iterations=100, rounds=2, run_id="exp-2")
-    assert run_differences(stored, named) == []  # the old run had no explicit id: keys decide
+    assert run_differences(stored, named) == ["run_id"]  # giving a run id starts another run
     assert run_differences(stored | {"run_id": "exp-1"}, named) == ["run_id"]
     assert run_differences(stored | {"run_id": "exp-2"}, named) == []
     assert run_differences(stored | {"run_id": "exp-1"}, config) == ["run_id"]
     older = {k: v for k, v in stored.items() if k != "run_id"}  # a file from before run ids existed
-    assert run_differences(older, named) == []
+    assert run_differences(older, named) == ["run_id"]
+    assert run_differences(older, config) == []  # derived ids: the keys decide
 
 
 def test_the_run_id_is_an_optional_checkpoint_entry(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from agent.checkpoint import Checkpoint, save_checkpoint
+from agent.core.config import build_config
 from agent.node import local
 from agent.node.local import agent_command, agent_flags
 from agent.node.main import agent_main
@@ -102,11 +103,28 @@ def test_resume_of_a_finished_cluster_keeps_its_results(
 
     monkeypatch.setattr(local.subprocess, "Popen", no_agents)
     out = tmp_path / "run"
+    trained = build_config({"dataset": "ring8", "iterations": 20, "nodes": 2}).to_dict()
     for i in range(2):
-        final = Checkpoint({"generator.w": torch.zeros(2)}, {}, None, 20, 20, {}, "", "dposg")
+        final = Checkpoint({"generator.w": torch.zeros(2)}, {}, None, 20, 20, trained, "", "dposg")
         save_checkpoint(out / f"node-{i}" / "final.safetensors", final)
     summary = json.dumps({"mode": "local", "wall_seconds": 119.0})
     (out / "summary.json").write_text(summary)
     argv = ["--local", "2", "--resume", "--dataset", "ring8", "--iterations", "20", "--out", str(out)]
     assert agent_main(argv) == 0
     assert (out / "summary.json").read_text() == summary
+    # Another configuration is another run, finished or not: refused before any agent starts.
+    assert agent_main([*argv, "--rounds", "2"]) == 2
+    assert (out / "summary.json").read_text() == summary
+
+
+def test_an_impossible_topology_is_refused_before_any_agent_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_agents(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("no agent may start")
+
+    monkeypatch.setattr(local.subprocess, "Popen", no_agents)
+    argv = ["--local", "5", "--topology", "random_regular", "--degree", "3", "--dataset", "ring8",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert agent_main(argv) == 2
+    assert "cannot be built for 5 nodes" in capsys.readouterr().err

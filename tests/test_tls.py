@@ -284,3 +284,26 @@ def test_refused_state_request_sends_zero_bytes(pki: Pki) -> None:
             assert client.bytes_received == 0
 
     run(scenario)
+
+
+def test_a_refused_impersonation_does_not_evict_the_real_member(pki: Pki) -> None:
+    """node-3's refused claim to be node-1 leaves node-1's acceptance alone: node-1's pushes keep being
+    mixed (found by a breaker: one refused handshake used to evict the real node until its next probe)."""
+
+    async def scenario() -> None:
+        async with (
+            honest_node(pki) as server,
+            PeerClient(server.address, security=pki.security("node-1")) as member,
+            PeerClient(server.address, security=pki.security("node-3")) as forger,
+        ):
+            await member.handshake(identity("node-1"))
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(5):
+                    with pytest.raises(HandshakeRefused):
+                        await forger.handshake(identity("node-1"))
+            assert "node-1" in server.handshaken_peers
+            assert (await member.push_vector(VECTOR, iteration=0, round=0)).accepted
+            refused = [e for e in logs if e["event"] == "gossip_rejected"]
+            assert [e["peer"] for e in refused] == ["node-3"]  # the caller, not the claimed id
+
+    run(scenario)

@@ -25,7 +25,7 @@ from typing import IO, Any
 import yaml
 
 from agent.checkpoint import CheckpointError, load_checkpoint
-from agent.core.config import TrainConfig
+from agent.core.config import TrainConfig, check_topology
 from agent.files import (
     check_run_folder,
     clear_run_files,
@@ -125,8 +125,11 @@ def agent_flags(argv: Sequence[str], count: int) -> list[str]:
         raise ValueError(f"--local {count} sets the number of nodes, but nodes is {nodes}; give one of them")
     forwarded: list[str] = []
     if args.metrics_port is not None:
-        if args.metrics_port == 0 or args.metrics_port + count - 1 > 65535:
-            raise ValueError(f"--local: --metrics-port needs a port P with P + {count - 1} <= 65535")
+        if not 1 <= args.metrics_port <= 65536 - count:
+            raise ValueError(
+                f"--local: --metrics-port P gives agent i port P + i: P must be 1 to {65536 - count} "
+                f"(0, any free port, cannot be told apart across {count} agents)"
+            )
         forwarded.append(f"--metrics-port={args.metrics_port}")  # agent i listens on P + i
     for flag in FORWARDED_FLAGS:
         value = getattr(args, _dest(flag))
@@ -172,6 +175,37 @@ def _finished(out: Path, count: int, iterations: int | None) -> int | None:
         return None
     reached = [finished_iteration(out / f"node-{i}", iterations) for i in range(count)]
     return None if None in reached else min(r for r in reached if r is not None)
+
+
+def check_same_run(out: Path, count: int, config: TrainConfig) -> None:
+    """--resume: refuse (ValueError) to continue a cluster run in ``out`` written with another cluster
+    configuration or run id, naming the keys (the agents' own --on-config-change new-run would move
+    each node's run but not the launcher's summary and metrics, so the launcher asks for a new --out)."""
+    from agent.checkpoint import CheckpointError, load_latest
+    from agent.node.runs import run_differences
+
+    for i in range(count):
+        folder = out / f"node-{i}"
+        try:
+            latest = load_latest(folder)
+            final = folder / "final.safetensors"
+            stored = (
+                latest.checkpoint.config
+                if latest is not None
+                else load_checkpoint(final).config
+                if final.is_file()
+                else None
+            )
+        except CheckpointError:
+            continue  # the agent itself names a damaged folder
+        if stored is None:
+            continue
+        differing = run_differences(stored, config)
+        if differing:
+            raise ValueError(
+                f"--local --resume: the run in {out} was trained with a different configuration "
+                f"({', '.join(differing)} differ); give a new --out, or --overwrite to replace that run"
+            )
 
 
 class Progress:
@@ -252,7 +286,10 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
     if count > 64:
         raise ValueError(f"--local: {count} processes is more than one machine should run; use at most 64")
     flags = agent_flags(argv, count)
+    check_topology(config, count)  # before any agent starts: every node would fail alike
     check_cluster_folder(out, argv)
+    if "--resume" in flags:
+        check_same_run(out, count, config)
     done = _finished(out, count, config.iterations) if "--resume" in flags else None
     if done is not None:
         print(

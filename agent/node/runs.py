@@ -39,12 +39,12 @@ def config_differences(stored: Mapping[str, Any], config: TrainConfig) -> list[s
 
 
 def run_differences(stored: Mapping[str, Any], config: TrainConfig) -> list[str]:
-    """``config_differences``, plus ``run_id`` when ``stored`` names an explicit run id (``--run-id``)
-    other than the one this node runs in. A checkpoint that records no explicit run id (older files, or
-    a run id derived from the configuration, which the keys already compare) is not compared on it."""
+    """``config_differences``, plus ``run_id`` when the explicit run ids (``--run-id`` / config key
+    ``run_id``; None when derived from the configuration) differ: giving a run id, changing it or dropping
+    it starts another run. Two derived ids are not compared: the configuration keys already are (and the
+    derived id follows ``iterations``, which may grow on a resume)."""
     differing = config_differences(stored, config)
-    stored_run_id = stored.get("run_id")
-    if stored_run_id is not None and stored_run_id != config.effective_run_id():
+    if stored.get("run_id") != config.run_id:
         differing.append("run_id")
     return differing
 

@@ -357,8 +357,9 @@ class GossipServer:
     async def _rpc_handshake(
         self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext
     ) -> pb.HandshakeResponse:
-        refusal = claim_refusal(self._security, caller_identity(context), request.node_id, "handshake")
-        return self._handle_handshake(request, context.peer(), refusal)
+        authenticated = caller_identity(context)
+        refusal = claim_refusal(self._security, authenticated, request.node_id, "handshake")
+        return self._handle_handshake(request, authenticated or context.peer(), refusal)
 
     async def _rpc_push_vector(
         self, chunks: AsyncIterator[RawChunk | WireError], context: grpc.aio.ServicerContext
@@ -426,6 +427,9 @@ class GossipServer:
     def _handle_handshake(
         self, request: pb.HandshakeRequest, peer: str, refusal: str | None = None
     ) -> pb.HandshakeResponse:
+        """``peer``: the caller's certificate identity over TLS, else its address. ``refusal``: why the
+        caller may not speak for ``request.node_id`` (claim_refusal); such a refusal never touches the
+        claimed node's own acceptance."""
         reason = refusal or self._transport_refusal(request)
         accepted = reason is None
         if accepted:
@@ -447,6 +451,9 @@ class GossipServer:
                 agent_version=request.agent_version,
             )
             (_log.debug if repeat else _log.info)("handshake_accepted", peer=peer, node_id=request.node_id)
+        elif refusal is not None:
+            # Someone else's claim: the real node keeps its acceptance; the log names the caller.
+            self._log_once(peer, "handshake_refused", reason)
         else:
             # A refused re-handshake revokes an earlier acceptance: the peer changed incompatibly.
             self._peers.pop(request.node_id, None)
