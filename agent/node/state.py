@@ -4,6 +4,7 @@ so the lifecycle only decides when."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from agent.transport.client import PeerClient
 from agent.transport.state import StateSnapshot
 
 STATE_POLL_SECONDS = 0.02
+# A member whose served state does not advance for this many round timeouts (and at least MIN_STALL_S:
+# the state it serves moves only at view boundaries) will not reach the boundary.
+STALL_ROUNDS = 3
+MIN_STALL_S = 20.0
 
 
 def snapshot_of(boundary_state: tuple[int, NodeState] | None) -> StateSnapshot:
@@ -41,15 +46,31 @@ def state_from_snapshot(snapshot: StateSnapshot, device: torch.device) -> NodeSt
     )
 
 
+class SourceStalled(RuntimeError):
+    """The member a node wanted to enter through stopped advancing before the boundary (it paused, or is
+    itself re-entering): waiting longer would wait forever."""
+
+
 async def fetch_at_boundary(client: PeerClient, boundary: int, timeout: float) -> StateSnapshot:
     """Poll a member's FetchState until it serves its state at ``boundary`` or later.
 
-    Raises PeerUnavailable / PeerRpcError / WireError as the client does.
+    Raises PeerUnavailable / PeerRpcError / WireError as the client does, and SourceStalled when the
+    member's state has not advanced for max(``STALL_ROUNDS`` × ``timeout``, ``MIN_STALL_S``) seconds (two
+    out-of-step nodes that each chose the other to re-enter through would otherwise wait for ever).
     """
+    last_iteration, last_change = -1, time.monotonic()
+    patience = max(STALL_ROUNDS * timeout, MIN_STALL_S)
     while True:
         snapshot = await client.fetch_state(timeout=timeout)
         if snapshot.iteration >= boundary:
             return snapshot
+        if snapshot.iteration != last_iteration:
+            last_iteration, last_change = snapshot.iteration, time.monotonic()
+        elif time.monotonic() - last_change > patience:
+            raise SourceStalled(
+                f"{client.address} stayed at iteration {snapshot.iteration} for {patience:.0f} s, short "
+                f"of the boundary {boundary}"
+            )
         await asyncio.sleep(STATE_POLL_SECONDS)
 
 
