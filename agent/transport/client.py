@@ -174,7 +174,8 @@ class PeerClient:
             raise self._translate(error, "Handshake") from error
         if not response.accepted:
             self._forget_handshake()
-            raise HandshakeRefused(self._address, response.reason or "(peer gave no reason)")
+            # The reason is the peer's own words ("this node" is the peer): say whose they are.
+            raise HandshakeRefused(self._address, f"the peer says: {response.reason or '(no reason given)'}")
         mismatch = identity_mismatch(identity, response)
         if mismatch is not None:
             self._forget_handshake()
