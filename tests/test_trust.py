@@ -130,3 +130,10 @@ def test_tls_issue_from_gives_a_node_its_own_certificate_once(tmp_path: Path, pk
     assert again.node_id == "replica-1" and cert.read_bytes() == before  # kept while valid
     with pytest.raises(ValueError, match="issues --tls-cert and --tls-key itself"):
         options([*argv, *pki.flags("replica-1")])
+
+
+def test_a_node_id_file_with_a_certificate_records_its_common_name(tmp_path: Path, pki: Pki) -> None:
+    out = tmp_path / "out"
+    argv = [*BASE, "--listen", "0.0.0.0:6000", "--advertise", "10.1.2.3:6000", "--out", str(out)]
+    chosen = options([*argv, "--node-id-file", str(out / "node-id"), *pki.flags("node-9")])
+    assert chosen.node_id == "node-9" and (out / "node-id").read_text() == "node-9\n"

@@ -192,7 +192,7 @@ def _positive(value: float, what: str) -> None:
 
 def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN201 - AgentOptions (lazy)
     from agent.node.options import AgentOptions
-    from agent.node.trust import configure_trust, issue_own_certificate, persistent_node_id
+    from agent.node.trust import certificate_id, configure_trust, issue_own_certificate, persistent_node_id
 
     host, port = split_host_port(args.listen, "--listen")
     if port == 0 and args.advertise in (None, "", "auto"):
@@ -210,7 +210,9 @@ def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN20
         raise ValueError("--peers lists an address twice")
     given_id = args.node_id
     if args.node_id_file is not None:
-        given_id = persistent_node_id(args.node_id_file, args.node_id)
+        # With a certificate, its common name is the id a new file records (configure_trust checks it).
+        first = args.node_id or (certificate_id(Path(config.tls_cert)) if config.tls_cert else None)
+        given_id = persistent_node_id(args.node_id_file, args.node_id, default=first)
     if args.tls_issue_from is not None:
         if config.tls_cert or config.tls_key:
             raise ValueError("--tls-issue-from issues --tls-cert and --tls-key itself; give one or the other")

@@ -112,12 +112,24 @@ def configure_trust(
     return Trust(TransportSecurity(credentials, allowed), credentials.node_id, warnings)
 
 
-def persistent_node_id(path: Path, given: str | None) -> str:
+def certificate_id(path: Path) -> str | None:
+    """The common name of the certificate at ``path``, or None when it cannot be read (configure_trust
+    then names the problem)."""
+    from agent.security.certs import CertificateError, certificate_node_id
+
+    try:
+        return certificate_node_id(path.read_bytes())
+    except (OSError, CertificateError, ValueError):
+        return None
+
+
+def persistent_node_id(path: Path, given: str | None, default: str | None = None) -> str:
     """The node id kept in `path` (--node-id-file), so a container re-created over the same data volume
     keeps its identity whatever its new hostname or address.
 
     The file's id wins; `given` (--node-id) must then agree with it. Without the file, the id is
-    `given`, else this host's name (a compose replica's container name, a pod's name), and it is written
+    `given`, else `default` (the certificate's common name), else this host's name (a compose
+    replica's container name, a pod's name), and it is written
     to `path` before the agent starts. ValueError naming the file when it is unreadable, empty,
     contradicts --node-id, or no id can be chosen.
     """
@@ -138,7 +150,7 @@ def persistent_node_id(path: Path, given: str | None) -> str:
             )
         chosen = stored
     else:
-        chosen = given or socket.gethostname().split(".")[0]
+        chosen = given or default or socket.gethostname().split(".")[0]
     try:
         check_node_id(chosen)
     except MembershipError as error:
