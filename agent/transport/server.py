@@ -364,7 +364,8 @@ class GossipServer:
     async def _rpc_push_vector(
         self, chunks: AsyncIterator[RawChunk | WireError], context: grpc.aio.ServicerContext
     ) -> pb.PushAck:
-        peer = context.peer()
+        authenticated = caller_identity(context)  # once per stream: it reads the TLS auth context
+        peer = authenticated or context.peer()
         if len(self._push_streams) >= self._max_push_streams:
             reason = (
                 f"{self._identity.node_id!r} is receiving {len(self._push_streams)} PushVector streams, "
@@ -372,10 +373,10 @@ class GossipServer:
             )
             self._log_once(peer, "push_streams_exhausted", reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-        stream = _PushStream(peer=caller_identity(context) or peer, stall_timeout=self._stall_timeout)
+        stream = _PushStream(peer=peer, stall_timeout=self._stall_timeout)
         self._push_streams.add(stream)
         try:
-            result = await self._handle_push(chunks, stream, caller_identity(context))
+            result = await self._handle_push(chunks, stream, authenticated)
         finally:
             self._push_streams.discard(stream)
             if stream.sender is not None:
