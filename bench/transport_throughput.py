@@ -1,19 +1,23 @@
-"""Loopback throughput of one gossip push: dpgan gRPC PushVector vs raw TCP vs torch.distributed gloo.
+"""Loopback throughput of one gossip push: dpgan gRPC push vs raw TCP vs torch.distributed gloo.
 
 Every transport moves the same float32 bytes from a sender process to a separate receiver process
 and is timed on the sender from the start of the send until the receiver's acknowledgement arrives
-(for gRPC: the PushAck, sent after the vector was validated and delivered to the inbox). Each round
-runs every transport once (median over --repeats timed runs after one warm-up); rounds are interleaved
-so that all transports see the same machine load. Reported per transport and size: the median over
-rounds of those medians, the median over rounds of the ratio to gloo *in the same round*, and the CPU
-time per exchange of the sending and the receiving process (all threads; steadier than wall time on a
-shared machine). Every process tunes malloc as the agent does at startup (agent.allocator).
+(for gRPC: the PushAck, sent after the vector was validated and delivered to the inbox). gRPC pushes
+go as the agent sends them, over the client's long-lived PushStream; `--unary` also measures one
+PushVector call per vector (the transport before PushStream) and adds a PushStream / PushVector table.
+Each round runs every transport once (median over --repeats timed runs after one warm-up); rounds are
+interleaved so that all transports see the same machine load. Reported per transport and size: the
+median over rounds of those medians, the median over rounds of the ratio to gloo *in the same round*,
+and the CPU time per exchange of the sending and the receiving process (all threads; steadier than
+wall time on a shared machine). Every process tunes malloc as the agent does at startup (agent.allocator).
 
     python bench/transport_throughput.py                 # 1, 16, 64 MiB, 7 repeats, 3 rounds
     python bench/transport_throughput.py --sizes-mb 16 --repeats 3 --rounds 1 --chunk-bytes 4194304
+    python bench/transport_throughput.py --unary --no-tls --pin   # PushStream vs PushVector vs gloo
 
 The gRPC transports run twice, plaintext and over mutual TLS (certificates from a throwaway CA, as
-`dpgan-agent --local` makes); a second table gives TLS / plaintext throughput in the same round.
+`dpgan-agent --local` makes; `--no-tls` skips them); a second table gives TLS / plaintext throughput
+in the same round.
 """
 
 from __future__ import annotations
@@ -178,6 +182,7 @@ def bench_grpc(
     wire_dtype: str,
     prepared: bool,
     pki: str | None = None,
+    unary: bool = False,
 ) -> dict[int, Measured]:
     parent_end, child_end = mp.get_context("spawn").Pipe()
     receiver = start_process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end, pki))
@@ -190,7 +195,10 @@ def bench_grpc(
             vector = torch.randn(element_count(size_mb))
             source = prepare_vector(vector, wire_dtype) if prepared else vector
             async with PeerClient(
-                f"127.0.0.1:{port}", default_timeout=600, security=security(pki, SENDER_ID)
+                f"127.0.0.1:{port}",
+                default_timeout=600,
+                security=security(pki, SENDER_ID),
+                push_stream=not unary,
             ) as client:
                 await client.handshake(bench_identity(SENDER_ID))
                 samples, marks = [], []
@@ -340,6 +348,10 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true", help="sender on CPU 0, receiver on CPU 1 (as on two machines)"
     )
+    parser.add_argument(
+        "--unary", action="store_true", help="also measure one PushVector call per vector (no PushStream)"
+    )
+    parser.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS gRPC variants")
     arguments = parser.parse_args()
     if arguments.pin:
         PIN.update(sender=0, receiver=1)
@@ -356,23 +368,22 @@ def main() -> None:
         arguments.chunk_bytes,
         arguments.wire_dtype,
     )
-    transports: list[tuple[str, Callable[[], dict[int, Measured]]]] = [
-        (
-            f"gRPC PushVector ({wire_dtype}, prepare+CRC per push)",
-            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=False),
-        ),
-        (
-            f"gRPC PushVector ({wire_dtype}, prepared once)",
-            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=True),
-        ),
-        (
-            f"gRPC PushVector ({wire_dtype}, prepare+CRC per push, mutual TLS)",
-            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=False, pki=pki),
-        ),
-        (
-            f"gRPC PushVector ({wire_dtype}, prepared once, mutual TLS)",
-            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, prepared=True, pki=pki),
-        ),
+    transports: list[tuple[str, Callable[[], dict[int, Measured]]]] = []
+    for unary in [False, True] if arguments.unary else [False]:
+        for tls in [False] if arguments.no_tls else [False, True]:
+            for prepared in (False, True):
+                rpc = "PushVector" if unary else "PushStream"
+                variant = "prepared once" if prepared else "prepare+CRC per push"
+                name = f"gRPC {rpc} ({wire_dtype}, {variant}{', mutual TLS' if tls else ''})"
+                transports.append(
+                    (
+                        name,
+                        lambda prepared=prepared, tls=tls, unary=unary: bench_grpc(
+                            sizes, repeats, chunk_bytes, wire_dtype, prepared, pki if tls else None, unary
+                        ),
+                    )
+                )
+    transports += [
         ("raw TCP socket", lambda: bench_tcp(sizes, repeats)),
         (GLOO, lambda: bench_gloo(sizes, repeats)),
     ]
@@ -407,21 +418,40 @@ def main() -> None:
                 f"| {name} | {size_mb} MiB | {median * 1e3:.1f} | {size_mb / median:.0f} | "
                 f"{statistics.median(ratios):.2f} | {sender_cpu * 1e3:.1f} / {receiver_cpu * 1e3:.1f} |"
             )
-    print()
-    print("| gRPC PushVector | vector | TLS / plaintext throughput (median of same-round ratios) |")
-    print("|---|---:|---:|")
-    for name, _ in transports:
-        if not name.endswith(", mutual TLS)"):
-            continue
-        plain = name.replace(", mutual TLS)", ")")
-        for size_mb in sizes:
-            ratios = [
-                statistics.median(result[plain][size_mb].seconds)
-                / statistics.median(result[name][size_mb].seconds)
-                for result in rounds
-            ]
-            label = plain.removeprefix("gRPC PushVector ")
-            print(f"| {label} | {size_mb} MiB | {statistics.median(ratios):.2f} |")
+    names = [name for name, _ in transports]
+
+    def ratio_table(title: str, pairs: list[tuple[str, str, str]]) -> None:
+        """Median over rounds of (time of `base`) / (time of `name`) in the same round."""
+        if not pairs:
+            return
+        print()
+        print(f"| {title} | vector | median of same-round ratios |")
+        print("|---|---:|---:|")
+        for label, name, base in pairs:
+            for size_mb in sizes:
+                ratios = [
+                    statistics.median(result[base][size_mb].seconds)
+                    / statistics.median(result[name][size_mb].seconds)
+                    for result in rounds
+                ]
+                print(f"| {label} | {size_mb} MiB | {statistics.median(ratios):.2f} |")
+
+    ratio_table(
+        "TLS / plaintext throughput",
+        [
+            (name.removeprefix("gRPC "), name, name.replace(", mutual TLS)", ")"))
+            for name in names
+            if name.endswith(", mutual TLS)")
+        ],
+    )
+    ratio_table(
+        "PushStream / PushVector throughput",
+        [
+            (name.removeprefix("gRPC PushStream "), name, name.replace("PushStream", "PushVector"))
+            for name in names
+            if name.startswith("gRPC PushStream") and name.replace("PushStream", "PushVector") in names
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ LOSSES = ("nonsaturating", "wgan_gp", "hinge")
 MODEL_FAMILIES = ("mlp", "dcgan")
 WEIGHTINGS = ("metropolis", "uniform")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+COMPRESSIONS = ("none", "int8", "topk", "randk")
+# Keys that only mean something with compressed gossip: left out of cluster_dict() (so of config_hash and
+# the default run id) while compression is none, so configurations written before they existed keep their
+# hash, and resume across the upgrade.
+COMPRESSION_KEYS = ("compression", "compression_ratio", "consensus_step")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -82,6 +87,15 @@ class TrainConfig:
     weights: str = _cluster("metropolis", f"mixing weights: {', '.join(WEIGHTINGS)}")
     rounds: int = _cluster(1, "gossip rounds t per iteration")
     wire_dtype: str = _cluster("float32", f"dtype on the wire: {', '.join(WIRE_DTYPES)}")
+    compression: str = _cluster(
+        "none",
+        f"compressed gossip with error feedback (CHOCO): {', '.join(COMPRESSIONS)}; none = exact DPOSG",
+    )
+    compression_ratio: float = _cluster(0.01, "fraction of entries topk/randk send per round, in (0, 1]")
+    consensus_step: float | None = _cluster(
+        None,
+        "CHOCO consensus step size γ in (0, 1]; default per compression: int8 1.0, topk 0.04, randk 0.01",
+    )
     # per node
     run_id: str | None = _node(
         None,
@@ -109,6 +123,8 @@ class TrainConfig:
         """The cluster keys agents must agree on (``compared_keys()``); ``include_simulator`` adds the
         simulator-only ones (``nodes``)."""
         names = cluster_keys() if include_simulator else compared_keys()
+        if self.compression == "none":
+            names = tuple(name for name in names if name not in COMPRESSION_KEYS)
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,6 +316,18 @@ def validate(config: TrainConfig) -> None:
     _check_choice("weights", config.weights, WEIGHTINGS)
     _check_choice("topology", config.topology, TOPOLOGY_NAMES)
     _check_choice("wire_dtype", config.wire_dtype, WIRE_DTYPES)
+    _check_choice("compression", config.compression, COMPRESSIONS)
+    if not 0.0 < config.compression_ratio <= 1.0:
+        raise ConfigError(f"compression_ratio: must be in (0, 1], got {config.compression_ratio!r}")
+    if config.consensus_step is not None and not 0.0 < config.consensus_step <= 1.0:
+        raise ConfigError(f"consensus_step: must be in (0, 1], got {config.consensus_step!r}")
+    if config.compression != "none" and config.wire_dtype != "float32":
+        raise ConfigError(
+            f"wire_dtype: compression {config.compression!r} sends its own codes (and float32 resets); "
+            f"leave wire_dtype at float32, not {config.wire_dtype!r}"
+        )
+    if config.compression != "none" and config.algorithm == "cposg":
+        raise ConfigError("compression: cposg averages gradients and does not gossip; use compression none")
     _check_choice("device", config.device, DEVICES)
     for key in ("lr", "gp_weight", "eps", "width", "latent_dim", "batch_size", "nodes", "rounds", "threads"):
         _check_positive(key, getattr(config, key))

@@ -11,6 +11,7 @@ so the random numbers a node consumes do not depend on how many nodes share the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from agent.core.algorithms import (
     mixes,
     needs_initial_gradient,
 )
+from agent.core.choco import EdgeCopies, choco_round
+from agent.core.compression import Compressor, randk_seed
 from agent.core.mixing import MixingError, Row, mix_all, wire_rounded
 
 RowsFn = Callable[[int], Sequence[Row]]  # global gossip round index -> one mixing row per node
@@ -49,6 +52,37 @@ def wire_rounding(wire_dtype: str) -> torch.dtype | None:
     except KeyError:
         choices = ", ".join(WIRE_ROUNDING)
         raise ValueError(f"unknown wire_dtype {wire_dtype!r}; expected one of {choices}") from None
+
+
+@dataclass(frozen=True)
+class CompressedGossip:
+    """Compressed gossip with error feedback (``agent.core.choco``): the compressor, the consensus step
+    size γ and the run's seed (randk indices derive from it)."""
+
+    compressor: Compressor
+    gamma: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"consensus_step γ must be in (0, 1], got {self.gamma!r}")
+
+
+class _ChocoState:
+    """Every node's edge copies, and the rounds they are mixed with."""
+
+    def __init__(self, settings: CompressedGossip, nodes: int) -> None:
+        self.settings = settings
+        self.copies = [EdgeCopies(settings.compressor) for _ in range(nodes)]
+
+    def gossip(
+        self, states: list[torch.Tensor], rows_at: RowsFn, first_round: int, rounds: int
+    ) -> list[torch.Tensor]:
+        for r in range(rounds):
+            round_index = first_round + r
+            seeds = [randk_seed(self.settings.seed, round_index, i) for i in range(len(states))]
+            states = choco_round(states, rows_at(round_index), self.copies, self.settings.gamma, seeds)
+        return states
 
 
 def gossip(
@@ -78,9 +112,11 @@ class VirtualCluster:
         rounds: int,
         hyper: Hyper,
         wire_dtype: str = "float32",
+        compression: CompressedGossip | None = None,
     ) -> None:
         self.algorithm: AlgorithmName = check_algorithm(algorithm)
         self.wire = wire_rounding(wire_dtype)
+        self.choco = _compressed(compression, wire_dtype, len(gradient_fns))
         if rounds < 1 and mixes(self.algorithm) and len(gradient_fns) > 1:
             raise ValueError(f"rounds must be at least 1 for {algorithm}, got {rounds}")
         if x0.dim() != 1:
@@ -112,7 +148,10 @@ class VirtualCluster:
     def mixed_points(self) -> list[torch.Tensor]:
         if not mixes(self.algorithm) or self.n == 1:
             return [s.x for s in self.states]
-        mixed = gossip(self.stacked(), self.rows_at, self.iteration * self.rounds, self.rounds, self.wire)
+        first_round = self.iteration * self.rounds
+        if self.choco is not None:
+            return self.choco.gossip([s.x for s in self.states], self.rows_at, first_round, self.rounds)
+        mixed = gossip(self.stacked(), self.rows_at, first_round, self.rounds, self.wire)
         return list(mixed.unbind(0))
 
     def step(self) -> None:
@@ -139,6 +178,16 @@ class VirtualCluster:
         return self.stacked().double().mean(0).to(self.states[0].x.dtype)
 
 
+def _compressed(compression: CompressedGossip | None, wire_dtype: str, nodes: int) -> _ChocoState | None:
+    if compression is None:
+        return None
+    if wire_dtype != "float32":
+        raise ValueError(
+            f"compressed gossip sends float32 resets and its own codes; wire_dtype {wire_dtype!r} does not apply"
+        )
+    return _ChocoState(compression, nodes)
+
+
 # Time-varying schedules cycle through a few matrices (one-peer exponential: log2 n); more distinct
 # keys mean rows_at builds fresh rows every call, and the cache only has to stay bounded.
 _MAX_CACHED_MATRICES = 64
@@ -163,9 +212,11 @@ class VectorizedCluster(VirtualCluster):
         rounds: int,
         hyper: Hyper,
         wire_dtype: str = "float32",
+        compression: CompressedGossip | None = None,
     ) -> None:
         self.algorithm = check_algorithm(algorithm)
         self.wire = wire_rounding(wire_dtype)
+        self.choco = _compressed(compression, wire_dtype, nodes)
         if nodes < 1:
             raise ValueError(f"a cluster needs at least one node, got {nodes}")
         if rounds < 1 and mixes(self.algorithm) and nodes > 1:
@@ -226,6 +277,9 @@ class VectorizedCluster(VirtualCluster):
         if not mixes(self.algorithm) or self.nodes == 1:
             return mixed
         first_round = self.iteration * self.rounds
+        if self.choco is not None:
+            rows = list(mixed.unbind(0))
+            return torch.stack(self.choco.gossip(rows, self.rows_at, first_round, self.rounds))
         for r in range(self.rounds):
             matrix = self._mixing_matrix(first_round + r, mixed)
             if self.wire is None:

@@ -67,7 +67,7 @@ from agent.node.stopping import StopCoordinator
 from agent.node.telemetry import MetricsEndpoint
 from agent.node.views import ViewController
 from agent.train.data import load_dataset, partition
-from agent.train.simulate import hyper_from, node_checkpoint
+from agent.train.simulate import compression_from, hyper_from, node_checkpoint
 from agent.train.workload import GanProblem, NodeOperator, resolve_device
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.identity import PeerIdentity
@@ -174,6 +174,7 @@ class PeerAgent:
                 chunk_bytes=options.chunk_bytes,
                 round_timeout=options.round_timeout,
                 pace=options.pace,
+                compression=compression_from(config),
             ),
             views=self.views,
             registry=self.registry,

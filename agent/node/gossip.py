@@ -19,6 +19,7 @@ import torch
 from agent.core.config import TrainConfig
 from agent.core.membership import PeerEvent
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
+from agent.node.edge_gossip import EdgeGossip
 from agent.node.peers import PeerRegistry, cancelled_by_us
 from agent.node.views import ViewController
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
@@ -60,6 +61,8 @@ class RoundSettings:
     chunk_bytes: int
     round_timeout: float
     pace: str  # auto | on | off
+    # Compressed gossip (agent.core.engine.CompressedGossip); None: exact DPOSG, x sent as it is.
+    compression: Any = None
 
 
 class GossipRounds:
@@ -93,6 +96,7 @@ class GossipRounds:
         self.deadline_seconds = deadline_seconds
         self.stop_event = stop_event
         self.log = log
+        self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
 
     def paced(self) -> bool:
         pace = self.settings.pace
@@ -166,13 +170,14 @@ class GossipRounds:
         round_: int,
         traffic: Traffic,
         announcement: asyncio.Future[bool] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Push ``wire`` to ``node_id``; True when the neighbour accepted it (now or buffered ahead)."""
         started = time.monotonic()
         deadline = started + self.deadline_seconds()
         if announcement is not None and not await self._paced_wait(
             node_id, (iteration, round_), announcement, deadline
         ):
-            return
+            return False
         ack: pb.PushAck | None = None
         thawed = False
         attempts = 0
@@ -211,7 +216,7 @@ class GossipRounds:
                 reason = str(error) or type(error).__name__
                 if isinstance(error, PeerRpcError):
                     self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
-                    return
+                    return False
                 if (
                     isinstance(error, PeerUnavailable)
                     and error.timed_out
@@ -230,7 +235,7 @@ class GossipRounds:
             retry = self.settings.round_timeout < self.deadline_seconds() or thawed
             if not retry or self.stop_event.is_set() or time.monotonic() >= deadline:
                 self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
-                return
+                return False
             await asyncio.sleep(PUSH_RETRY_SECONDS * 10)
         # STALE means the neighbour moved past this position: we are behind it. Not after a retry, though:
         # an earlier attempt whose answer was lost (this process froze mid-call) may have been delivered.
@@ -238,6 +243,7 @@ class GossipRounds:
             traffic.behind.add(node_id)
         if not ack.accepted:
             self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
+        return ack.accepted
 
     async def _collect(
         self, iteration: int, round_: int, wanted: list[str]
@@ -289,17 +295,32 @@ class GossipRounds:
             if self.paced()
             else {}
         )
+        edges = self.edges
+        sent: dict[str, Any] = {}
         try:
-            wire = await self.in_compute(prepare_vector, x, self.settings.wire_dtype)
+            if edges is None:
+                wire = await self.in_compute(prepare_vector, x, self.settings.wire_dtype)
+                wires = dict.fromkeys(live, wire)
+            else:
+                prepared = await self.in_compute(edges.outgoing, x, live, views.index, round_index, view)
+                wires = {node_id: wire for node_id, (_, wire) in prepared.items()}
+                sent = {node_id: message for node_id, (message, _) in prepared.items()}
             received_before = self.server.bytes_received
             # A push in flight finishes; a paced push still waiting for its neighbour is skipped once the
             # agreed stop is reached (_paced_wait).
-            await asyncio.gather(
+            delivered = await asyncio.gather(
                 *(
-                    self._push(node_id, wire, iteration, round_, traffic, announcements.get(node_id))
+                    self._push(
+                        node_id, wires[node_id], iteration, round_, traffic, announcements.get(node_id)
+                    )
                     for node_id in live
                 )
             )
+            if edges is not None:
+                for node_id, ok in zip(live, delivered, strict=True):
+                    if not ok:
+                        edges.undelivered(node_id)
+                        del sent[node_id]
         finally:
             for task in announcements.values():
                 task.cancel()
@@ -311,6 +332,7 @@ class GossipRounds:
             return None
         traffic.bytes_received += self.server.bytes_received - received_before
         arrived = {view.index(n): m.epoch for n, m in messages.items()}
+        schedule_row = row
         row, missing, other_view = row_for_round(row, views.index, arrived, view.epoch)
         late = [n for n in reachable if view.index(n) in missing and n not in traffic.behind]
         timeout = min(PROBE_SECONDS, self.settings.round_timeout / 2)
@@ -334,13 +356,17 @@ class GossipRounds:
                     self.log.info("neighbour holds another view; not mixing with it", neighbour=node_id)
             else:
                 views.record(node_id, PeerEvent.DELIVERED, iteration)
-        vectors = {views.index: x} | {
-            j: messages[view.node_id(j)].vector.to(x.device) for j, _ in row if j != views.index
-        }
         traffic.participants.update(view.node_id(j) for j, _ in row if j != views.index)
         left_out = sorted(n for n in reachable if view.index(n) in missing or view.index(n) in other_view)
         if left_out:
             self.log.info(
                 "round mixed without neighbours", iteration=iteration, round=round_, missing=left_out
             )
+        if edges is not None:
+            present = {j for j, _ in row}
+            mixable = {n: m for n, m in messages.items() if view.index(n) in present}
+            return await self.in_compute(edges.mix, x, schedule_row, views.index, view, sent, mixable)
+        vectors = {views.index: x} | {
+            j: messages[view.node_id(j)].vector.to(x.device) for j, _ in row if j != views.index
+        }
         return await self.in_compute(mix_row, row, vectors)

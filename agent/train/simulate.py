@@ -24,7 +24,9 @@ import torch
 from agent.checkpoint import Checkpoint, save_checkpoint
 from agent.core.algorithms import Hyper, NodeState, check_finite
 from agent.core.config import TrainConfig
-from agent.core.engine import VectorizedCluster, VirtualCluster
+from agent.core.choco import consensus_step_size
+from agent.core.compression import Compressor
+from agent.core.engine import CompressedGossip, VectorizedCluster, VirtualCluster
 from agent.core.topology import MixingSchedule, make_schedule
 from agent.files import dumps_json, write_atomic
 from agent.train.batched import BatchedGanOperator
@@ -38,6 +40,17 @@ Progress = Callable[[dict[str, Any]], None]
 def hyper_from(config: TrainConfig) -> Hyper:
     assert config.lr is not None
     return Hyper(lr=config.lr, beta1=config.beta1, beta2=config.beta2, eps=config.eps)
+
+
+def compression_from(config: TrainConfig) -> CompressedGossip | None:
+    """The compressed-gossip settings of ``config`` (None for compression none: exact DPOSG)."""
+    if config.compression == "none":
+        return None
+    return CompressedGossip(
+        Compressor(config.compression, ratio=config.compression_ratio),
+        consensus_step_size(config.compression, config.consensus_step),
+        seed=config.seed,
+    )
 
 
 def schedule_from(config: TrainConfig, n: int) -> MixingSchedule:
@@ -106,6 +119,7 @@ def run_simulation(
             config.rounds,
             hyper_from(config),
             wire_dtype=config.wire_dtype,
+            compression=compression_from(config),
         )
     else:
         cluster = VirtualCluster(
@@ -116,6 +130,7 @@ def run_simulation(
             config.rounds,
             hyper_from(config),
             wire_dtype=config.wire_dtype,
+            compression=compression_from(config),
         )
     train_seconds = time.perf_counter() - started
     metrics_path = out / "metrics.jsonl"

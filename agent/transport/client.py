@@ -4,16 +4,25 @@ Every call carries a gRPC deadline, so nothing waits on a peer longer than the c
 connection failures and deadlines surface as PeerUnavailable, refusals as HandshakeRefused, and any
 other RPC failure as PeerRpcError. Data coming back from a peer (FetchState) is validated exactly
 like pushed data on the server side.
+
+Vectors go over one long-lived PushStream per client (opened on the first push, reopened after any
+error, replaced when older than options.PUSH_STREAM_MAX_AGE_S): one vector at a time, each bounded by
+its own timeout, so a push costs no RPC setup. A push that finds the stream busy (another push to the
+same peer still in flight) and every push to a peer without PushStream (UNIMPLEMENTED, remembered for
+the client's life) use one PushVector call instead, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
 import grpc
+import structlog
 import torch
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
@@ -23,10 +32,11 @@ from agent.transport.identity import PeerIdentity, identity_mismatch
 from agent.transport.options import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_STALL_TIMEOUT_S,
+    PUSH_STREAM_MAX_AGE_S,
     channel_options,
     validate_chunk_bytes,
 )
-from agent.transport.protocol import FETCH_STATE_METHOD, PUSH_VECTOR_METHOD
+from agent.transport.protocol import FETCH_STATE_METHOD, GOSSIP_SERVICE_NAME, PUSH_VECTOR_METHOD
 from agent.transport.state import StateSnapshot, StateStreamDecoder
 from agent.transport.tls import TransportSecurity
 
@@ -39,6 +49,44 @@ DEFAULT_MAX_STATE_BYTES: Final = 4 << 30
 _UNAVAILABLE_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
+PUSH_STREAM_METHOD: Final = f"/{GOSSIP_SERVICE_NAME}/PushStream"
+# A reused PushStream failing with these lost its connection (peer restarted, connection renewed) or was
+# ended by the peer (idle) before or while this vector went out, and no ack came: the vector is sent once
+# more on a fresh stream. INTERNAL: grpc.aio's local error for a write on a call the peer has just ended.
+_STREAM_RETRY_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+)
+
+_log = structlog.get_logger(__name__)
+
+
+def _stream_frames(frames: Iterator[bytes], chunk_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """(frame, is_last) of one vector on a PushStream, with the stream's end-of-vector rule applied: a
+    vector ends with its first chunk carrying fewer than chunk_bytes payload bytes, so a payload that
+    fills its last chunk is followed by one empty chunk (b"", an empty VectorChunk message)."""
+    current = next(frames)
+    for following in frames:
+        yield current, False
+        current = following
+    if len(parse_chunk(current).data) == chunk_bytes:
+        yield current, False
+        yield b"", True
+    else:
+        yield current, True
+
+
+@dataclass(slots=True)
+class _Sending:
+    """Progress of one vector's writer: `last_issued` once the vector's last frame was handed to gRPC
+    (an ack from then on leaves the stream in step; an earlier one means the rest was never sent)."""
+
+    last_issued: bool = False
+
+
+def _consume_outcome(task: asyncio.Future[object]) -> None:
+    # A cancelled writer/reader's exception is the stream's business (it is dropped); never "unretrieved".
+    if not task.cancelled():
+        task.exception()
 
 
 class PeerUnavailable(ConnectionError):
@@ -86,10 +134,11 @@ class PeerClient:
         default_timeout: float = DEFAULT_RPC_TIMEOUT_S,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
         security: TransportSecurity | None = None,
+        push_stream: bool = True,
     ) -> None:
         """`stall_timeout`: a FetchState download that delivers no chunk for this long is aborted
         (pass the agent's round timeout). `security`: mutual TLS (agent/transport/tls.py); None dials
-        plaintext."""
+        plaintext. `push_stream`: False sends every vector as its own PushVector call (benchmarks)."""
         if not address or ":" not in address:
             raise ValueError(f"peer address must be host:port, got {address!r}")
         self._address = address
@@ -119,6 +168,15 @@ class PeerClient:
             request_serializer=pb.StateRequest.SerializeToString,
             response_deserializer=None,
         )
+        self._push_stream_rpc = self._channel.stream_stream(
+            PUSH_STREAM_METHOD,
+            request_serializer=None,
+            response_deserializer=pb.PushAck.FromString,
+        )
+        self._use_push_stream = push_stream
+        self._push_stream: grpc.aio.StreamStreamCall | None = None
+        self._push_stream_opened = 0.0
+        self._push_stream_lock = asyncio.Lock()  # one vector in flight per stream
         self._identity: PeerIdentity | None = None
         self._remote: pb.HandshakeResponse | None = None
         self._bytes_sent = 0
@@ -150,11 +208,17 @@ class PeerClient:
         return self._bytes_received
 
     @property
+    def push_streaming(self) -> bool:
+        """True while pushes go over a PushStream; False when disabled or the peer lacks PushStream."""
+        return self._use_push_stream
+
+    @property
     def remote(self) -> pb.HandshakeResponse | None:
         """The peer's identity from the last accepted handshake, or None before one succeeded."""
         return self._remote
 
     async def close(self) -> None:
+        self._drop_push_stream()
         await self._channel.close()
 
     async def handshake(
@@ -201,7 +265,8 @@ class PeerClient:
         and push the same WireVector to every neighbour to convert and checksum only once (then
         `wire_dtype` is taken from it). The tensor must not be modified until this returns.
         `epoch` defaults to the handshaken identity's membership_epoch. A refused push (stale,
-        duplicate, malformed, ...) is a normal ack with accepted=False, not an exception.
+        duplicate, malformed, ...) is a normal ack with accepted=False, not an exception. `timeout`
+        bounds the whole push (a timed-out push cancels the client's PushStream; the next one reopens it).
         """
         identity = self._require_handshake("push_vector")
         deadline = self._timeout(timeout)
@@ -214,19 +279,167 @@ class PeerClient:
             # Conversion and CRC are a full pass over up to 100+ MB: keep the event loop free for
             # the server side of this node meanwhile (the CRC and torch release the GIL).
             prepared = await asyncio.to_thread(prepare_vector, vector, wire_dtype)
-        frames = iter_frames(
-            prepared,
-            sender_id=identity.node_id,
-            iteration=iteration,
-            round=round,
-            epoch=identity.membership_epoch if epoch is None else epoch,
-            chunk_bytes=chunk_bytes,
-        )
+
+        def frames() -> Iterator[bytes]:
+            return iter_frames(
+                prepared,
+                sender_id=identity.node_id,
+                iteration=iteration,
+                round=round,
+                epoch=identity.membership_epoch if epoch is None else epoch,
+                chunk_bytes=chunk_bytes,
+            )
+
+        first = frames()  # validates the arguments before anything is sent
+        if not self._use_push_stream or self._push_stream_lock.locked():
+            # A second push to this peer while one is in flight does not queue behind it.
+            return await self._push_unary(first, deadline)
+        async with self._push_stream_lock:
+            return await self._push_streamed(first, frames, chunk_bytes, deadline)
+
+    async def _push_unary(self, frames: Iterator[bytes], timeout: float) -> pb.PushAck:
         try:
-            ack: pb.PushAck = await self._push_vector(self._counting(frames), timeout=deadline)
+            ack: pb.PushAck = await self._push_vector(self._counting(frames), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise self._translate(error, "PushVector") from error
         return ack
+
+    async def _push_streamed(
+        self,
+        frames: Iterator[bytes],
+        make_frames: Callable[[], Iterator[bytes]],
+        chunk_bytes: int,
+        timeout: float,
+    ) -> pb.PushAck:
+        """One vector over the client's PushStream, within `timeout` in all. A reused stream that turns out
+        to be dead (the peer ended it or lost the connection without answering) is replaced and the
+        vector sent once more; a peer without PushStream gets the vector, and all later ones, by
+        PushVector."""
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(expires):
+                for attempt in range(2):
+                    call, reused = self._push_stream_call(loop)
+                    retry = reused and attempt == 0
+                    try:
+                        vector = _stream_frames(frames, chunk_bytes)
+                        ack = await self._exchange(call, vector, fresh=not reused)
+                    except grpc.aio.AioRpcError as error:
+                        self._drop_push_stream()
+                        if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                            self._use_push_stream = False
+                            _log.info("peer_lacks_push_stream", peer=self._address, fallback="PushVector")
+                            break
+                        if retry and error.code() in _STREAM_RETRY_CODES:
+                            frames = make_frames()
+                            continue
+                        raise self._translate(error, "PushStream") from error
+                    if ack is not None:
+                        return ack
+                    self._drop_push_stream()
+                    if not retry:
+                        raise PeerUnavailable(
+                            f"PushStream to {self._address} ended without an ack (the peer is stopping?)"
+                        )
+                    frames = make_frames()
+        except TimeoutError:
+            self._drop_push_stream()
+            raise PeerUnavailable(
+                f"PushStream to {self._address} failed: DEADLINE_EXCEEDED: no ack within {timeout:g} s",
+                timed_out=True,
+            ) from None
+        remaining = expires - loop.time()
+        if remaining <= 0:
+            raise PeerUnavailable(
+                f"PushVector to {self._address} failed: DEADLINE_EXCEEDED: no time left after PushStream "
+                "was refused as unimplemented",
+                timed_out=True,
+            )
+        return await self._push_unary(make_frames(), remaining)
+
+    def _push_stream_call(self, loop: asyncio.AbstractEventLoop) -> tuple[grpc.aio.StreamStreamCall, bool]:
+        """(the PushStream to send on, whether it was opened for an earlier vector)."""
+        call = self._push_stream
+        if call is not None and (
+            call.done() or loop.time() - self._push_stream_opened >= PUSH_STREAM_MAX_AGE_S
+        ):
+            self._drop_push_stream()
+            call = None
+        if call is not None:
+            return call, True
+        # No deadline: the stream lives for many vectors; each vector is bounded by its push's timeout.
+        call = self._push_stream_rpc()
+        self._push_stream, self._push_stream_opened = call, loop.time()
+        return call, False
+
+    def _drop_push_stream(self) -> None:
+        call, self._push_stream = self._push_stream, None
+        if call is not None and not call.done():
+            call.cancel()
+
+    async def _exchange(
+        self, call: grpc.aio.StreamStreamCall, frames: Iterator[tuple[bytes, bool]], *, fresh: bool
+    ) -> pb.PushAck | None:
+        """Send one vector on `call` and read its ack; None when the peer ended the stream without one
+        (it did not take the vector). Writes and the ack read run concurrently: an ack that comes before
+        the whole vector went out (refused from its header) stops the sending, and the stream is dropped,
+        since the peer cannot find the next vector's start in a vector cut short."""
+        sending = _Sending()
+        reader = asyncio.ensure_future(call.read())
+        writer: asyncio.Future[None] | None = None
+        try:
+            if fresh:
+                # The peer answers a new stream with its headers at once, or ends it (UNIMPLEMENTED,
+                # RESOURCE_EXHAUSTED). Waiting for that keeps writes from racing such an end: a write on
+                # an ended call fails with a local INTERNAL error that hides the peer's status.
+                await call.initial_metadata()
+                if call.done():
+                    await asyncio.wait({reader})
+            if not reader.done():
+                writer = asyncio.ensure_future(self._write_vector(call, frames, sending))
+            while not reader.done():
+                assert writer is not None
+                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if writer.done() and not reader.done():
+                    error = writer.exception()
+                    # AioRpcError/InvalidStateError: the call ended; read() says how (status or EOF).
+                    if error is not None and not isinstance(
+                        error, grpc.aio.AioRpcError | asyncio.InvalidStateError
+                    ):
+                        raise error
+                    await asyncio.wait({reader})
+            response = reader.result()
+            if response is grpc.aio.EOF:
+                self._drop_push_stream()
+                return None
+            if writer is not None and sending.last_issued:
+                # The ack may overtake the completion of the last write; the stream stays in step.
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await writer
+            if writer is None or not sending.last_issued or writer.exception() is not None:
+                self._drop_push_stream()
+            ack: pb.PushAck = response
+            return ack
+        except BaseException:
+            # Cancelled, timed out or failed mid-vector: the stream is out of step; the next push reopens.
+            self._drop_push_stream()
+            raise
+        finally:
+            for task in (writer, reader):
+                if task is None:
+                    continue
+                if not task.done():
+                    task.cancel()
+                task.add_done_callback(_consume_outcome)
+
+    async def _write_vector(
+        self, call: grpc.aio.StreamStreamCall, frames: Iterator[tuple[bytes, bool]], sending: _Sending
+    ) -> None:
+        for frame, last in frames:
+            sending.last_issued = last
+            self._bytes_sent += len(frame)
+            await call.write(frame)
 
     async def announce(
         self, *, iteration: int, round: int, epoch: int | None = None, timeout: float | None = None
@@ -279,7 +492,7 @@ class PeerClient:
         call = self._fetch_state(request, timeout=self._timeout(timeout))
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(loop.time() + stall) as watchdog:
+            async with asyncio.timeout_at(loop.time() + stall) as watchdog:
                 async for frame in call:
                     watchdog.reschedule(loop.time() + stall)
                     self._bytes_received += len(frame)

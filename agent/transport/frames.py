@@ -17,6 +17,7 @@ and verified; partial or invalid data never escapes this module. Named multi-ten
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import zlib
@@ -28,6 +29,8 @@ from typing import Final, Literal, NamedTuple
 import torch
 from google.protobuf.message import DecodeError
 
+from agent.core.choco import EdgeMessage
+from agent.transport import codecs
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.buffers import RECEIVE_BUFFERS
 from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
@@ -142,6 +145,7 @@ class WireErrorKind(StrEnum):
     BAD_NAME = "bad_name"
     BAD_SHAPE = "bad_shape"
     TOO_LARGE = "too_large"
+    COMPRESSION = "compression"  # a compressed-gossip header or payload that does not fit its vector
 
 
 class WireError(ValueError):
@@ -175,6 +179,9 @@ class WireVector:
     shape: tuple[int, ...]
     # Keeps the tensor that owns `payload`'s memory alive for as long as this object exists.
     _owner: torch.Tensor = field(repr=False)
+    # Compressed gossip (agent.core.choco): the edge header; wire_dtype is then int8/topk/randk, or
+    # float32 for a reset.
+    edge: pb.EdgeCopy | None = None
 
     @property
     def payload_bytes(self) -> int:
@@ -214,6 +221,27 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
         checksum=payload_crc32(payload),
         shape=shape,
         _owner=wire,
+    )
+
+
+def prepare_edge_message(message: EdgeMessage) -> WireVector:
+    """A compressed-gossip message (``agent.core.choco``) as wire bytes: a reset as the float32 vector,
+    a difference in its compressor's layout (``agent.transport.codecs``); ``edge`` carries the header."""
+    if message.reset:
+        prepared = prepare_vector(message.dense, "float32")
+        return dataclasses.replace(prepared, edge=codecs.edge_header(message))
+    compressed = message.compressed
+    assert compressed is not None, "a difference message carries its compressed form"
+    packed = codecs.pack(compressed)
+    payload = memoryview(packed.numpy()).cast("B")
+    return WireVector(
+        payload=payload,
+        wire_dtype=compressed.kind,  # type: ignore[arg-type]
+        element_count=compressed.length,
+        checksum=payload_crc32(payload),
+        shape=(compressed.length,),
+        _owner=packed,
+        edge=codecs.edge_header(message),
     )
 
 
@@ -341,12 +369,14 @@ def iter_frames(
         iteration=_check_unsigned("iteration", iteration, _UINT64_MAX),
         round=_check_unsigned("round", round, _UINT32_MAX),
         membership_epoch=_check_unsigned("epoch", epoch, _UINT64_MAX),
-        dtype=_WIRE_DTYPES[wire_vector.wire_dtype].proto_value,
+        dtype=codecs.COMPRESSED_DTYPES.get(wire_vector.wire_dtype)
+        or _WIRE_DTYPES[wire_vector.wire_dtype].proto_value,
         element_count=wire_vector.element_count,
         checksum=wire_vector.checksum,
         chunk_bytes=validate_chunk_bytes(chunk_bytes),
         name=name,
         shape=wire_vector.shape if include_shape else (),
+        edge=wire_vector.edge,
     )
     header_bytes = header.SerializeToString()
     header_field = bytes([_HEADER_FIELD_TAG]) + _encode_varint(len(header_bytes)) + header_bytes
@@ -446,7 +476,7 @@ class ExpectedVector:
     membership_epoch: int | None = None
     sender_id: str | None = None
     named: bool = False
-    allowed_dtypes: frozenset[str] = frozenset(WIRE_DTYPE_NAMES)
+    allowed_dtypes: frozenset[str] = frozenset(WIRE_DTYPE_NAMES) | frozenset(codecs.COMPRESSED_DTYPES)
     device: torch.device | str = "cpu"
 
     def __post_init__(self) -> None:
@@ -474,6 +504,9 @@ class DecodedVector:
     wire_dtype: WireDtypeName
     vector: torch.Tensor
     name: str = ""
+    # Compressed gossip: the edge header; ``vector`` is then the dense difference (or, for a reset, the
+    # sender's vector). Its wire_dtype is int8/topk/randk (float32 for a reset).
+    edge: pb.EdgeCopy | None = None
 
     @property
     def position(self) -> Position:
@@ -505,6 +538,7 @@ class VectorAssembler:
         self._checked_elements = 0
         self._sums_finite = True
         self._finished = False
+        self._compressed = False  # a compressed-gossip difference (codecs), decoded in finish()
 
     @property
     def header(self) -> pb.VectorHeader | None:
@@ -552,6 +586,24 @@ class VectorAssembler:
                 f"payload has crc32={self._crc:#010x}",
             )
         # The buffer is private to this stream, so the wire tensor can alias it without a copy.
+        if self._compressed:
+            try:
+                dense = codecs.decode_dense(header.dtype, header.element_count, header.edge, buffer)
+            except codecs.CodecError as error:
+                raise WireError(
+                    WireErrorKind.COMPRESSION, f"compressed {spec.name} payload: {error}"
+                ) from None
+            self._buffer = None
+            self._buffer_view = None
+            return DecodedVector(
+                sender_id=header.sender_id,
+                iteration=header.iteration,
+                round=header.round,
+                membership_epoch=header.membership_epoch,
+                wire_dtype=spec.name,
+                vector=dense.to(self._expected.device),
+                edge=header.edge,
+            )
         wire_tensor = buffer.view(spec.torch_dtype)
         if spec.torch_dtype == torch.float32:
             vector = wire_tensor
@@ -580,6 +632,7 @@ class VectorAssembler:
             wire_dtype=spec.name,
             vector=vector,
             name=header.name,
+            edge=header.edge if header.HasField("edge") else None,
         )
 
     def release(self) -> None:
@@ -597,6 +650,8 @@ class VectorAssembler:
     def _accept_header(self, header: pb.VectorHeader) -> None:
         expected = self._expected
         spec = _WIRE_DTYPES_BY_PROTO.get(header.dtype)
+        if codecs.is_compressed(header.dtype) or header.HasField("edge"):
+            spec = self._edge_spec(header, spec)
         if spec is None:
             raise WireError(
                 WireErrorKind.BAD_DTYPE,
@@ -630,11 +685,36 @@ class VectorAssembler:
         self._header = header
         self._spec = spec
         self._total_bytes = header.element_count * spec.element_bytes
+        if self._compressed:
+            try:
+                self._total_bytes = codecs.payload_bytes(header.dtype, header.element_count, header.edge)
+            except codecs.CodecError as error:
+                raise WireError(
+                    WireErrorKind.COMPRESSION, f"compressed {spec.name} header: {error}"
+                ) from None
         # One buffer for the whole payload (recycled memory when available): chunks are copied
         # straight into place.
         self._buffer = RECEIVE_BUFFERS.take(self._total_bytes)
         self._buffer_view = memoryview(self._buffer.numpy()).cast("B")
-        self._values = self._buffer.view(spec.torch_dtype)
+        self._values = None if self._compressed else self._buffer.view(spec.torch_dtype)
+
+    def _edge_spec(self, header: pb.VectorHeader, spec: _WireDtypeSpec | None) -> _WireDtypeSpec:
+        """The dtype spec of a compressed-gossip push (``header.edge`` set): a compressed dtype, or
+        float32 for a reset; anything else is refused."""
+        if not header.HasField("edge"):
+            raise WireError(
+                WireErrorKind.COMPRESSION, f"compressed dtype {header.dtype} without an edge header"
+            )
+        if spec is not None:
+            if spec.name != "float32" or not header.edge.reset:
+                raise WireError(
+                    WireErrorKind.COMPRESSION,
+                    f"an edge header on a {spec.name} payload must be a reset of a float32 vector",
+                )
+            return spec
+        kind = next(k for k, v in codecs.COMPRESSED_DTYPES.items() if v == header.dtype)
+        self._compressed = True
+        return _WireDtypeSpec(kind, header.dtype, torch.uint8, 1)  # type: ignore[arg-type]
 
     def _check_position(self, position: Position) -> None:
         expected = self._expected

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 import torch
 
@@ -54,6 +54,9 @@ class InboxMessage:
     round: int
     vector: torch.Tensor
     epoch: int = 0  # the sender's membership view (agent.core.membership.view_epoch)
+    # Compressed gossip (agent.core.choco): the EdgeCopy header; ``vector`` is then the dense difference,
+    # or the sender's vector for a reset. None for plain gossip.
+    edge: Any = None
 
     @property
     def position(self) -> Position:

@@ -58,6 +58,14 @@ SERVER_MAX_CONNECTION_IDLE_MS: Final = 5 * 60_000
 SERVER_MAX_CONNECTION_AGE_MS: Final = 60 * 60_000
 SERVER_MAX_CONNECTION_AGE_GRACE_MS: Final = 5 * 60_000
 
+# PushStream (one long-lived push stream per neighbour, PeerClient): a stream older than this is closed
+# and replaced before the next vector. An aged connection (above) admits no new streams and is closed
+# when its grace ends, killing a stream still open on it; replacing streams well within the grace moves
+# them to the new connection between two vectors instead of failing a push once an hour. Costs one
+# stream setup (~1 ms) per neighbour per minute. The server ends a stream idle between vectors for the
+# connection idle limit (so idle connections are still closed).
+PUSH_STREAM_MAX_AGE_S: Final = 60.0
+
 ChannelOption = tuple[str, int | str]
 
 

@@ -1,4 +1,4 @@
-"""gRPC server side of the gossip transport: Handshake, PushVector, FetchState, and health.
+"""gRPC server side of the gossip transport: Handshake, PushVector/PushStream, FetchState, and health.
 
 The server makes no training decisions. Whom to accept is the agent's HandshakePolicy; where pushed
 vectors go is the agent's Inbox; what state to hand a late joiner is the agent's StateProvider.
@@ -12,6 +12,16 @@ capped per sender and in total (extras get RESOURCE_EXHAUSTED); a FetchState res
 stops reading is aborted after `stall_timeout` per send; idle connections are closed by gRPC
 (options.server_options). Every abort is counted in `rejection_counts` and logged with its reason
 (once per peer and kind, like every other refusal).
+
+PushStream carries a peer's vectors one after another on one long-lived stream; each vector goes
+through exactly the code path of a PushVector call (`_receive_push`: caps, watchdog, claim check,
+validation, inbox) and gets the PushAck that call would get. A vector ends with its first chunk shorter
+than its header's chunk_bytes (`_VectorChunks`). After a refused vector the stream goes on (the rest of
+a vector refused from its header is read and dropped) unless the server cannot tell where the next
+vector starts or cancelled a read (a push that went stale while arriving): then it ends the stream
+with OK right after the ack, and the sender opens a new one. Outcomes that abort a PushVector call
+(stall, RESOURCE_EXHAUSTED) abort the stream with the same status. A stream idle between vectors for
+the connection idle limit is ended (OK) so that idle connections are still closed.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from agent.transport.inbox import Inbox, InboxMessage, PutOutcome
 from agent.transport.options import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_STALL_TIMEOUT_S,
+    MAX_CHUNK_BYTES,
     MAX_PUSH_STREAMS,
     MAX_PUSH_STREAMS_PER_PEER,
     SERVER_MAX_CONNECTION_IDLE_MS,
@@ -109,6 +120,82 @@ class _PushStream:
             # RuntimeError: the stream's read block already ended; it checks `aborted` itself.
             with contextlib.suppress(RuntimeError):
                 deadline.reschedule(asyncio.get_running_loop().time())
+
+
+class _VectorChunks:
+    """The chunks of one vector on a PushStream, read from the stream's shared request iterator.
+
+    Iteration ends after the vector's last chunk: the first one carrying fewer than the header's
+    chunk_bytes payload bytes (a sender whose payload fills its last chunk sends one more, empty, chunk).
+    Only the framing is looked at here; VectorAssembler validates everything else. `desync` says why the
+    vector's end cannot be found (a chunk that does not parse, no valid chunk_bytes in a first chunk, a
+    second header, a chunk longer than chunk_bytes, more payload than any vector this node accepts): the
+    chunk is still yielded, so the vector is refused exactly as PushVector would refuse it, and then the
+    stream must end. `closed`: the sender half-closed the stream.
+    """
+
+    def __init__(
+        self,
+        first: RawChunk | WireError,
+        source: AsyncIterator[RawChunk | WireError],
+        max_payload_bytes: int,
+    ) -> None:
+        self._pending: RawChunk | WireError | None = first
+        self._source = source
+        self._max_payload_bytes = max_payload_bytes
+        self._chunk_bytes: int | None = None
+        self._payload_bytes = 0
+        self.header_sender = ""
+        self.complete = False
+        self.closed = False
+        self.desync: str | None = None
+
+    def sender(self, peer: str, authenticated: str | None) -> str:
+        """Whom to count and log this vector's bytes against, as _handle_push does."""
+        return peer if authenticated is not None else (self.header_sender or peer)
+
+    def __aiter__(self) -> _VectorChunks:
+        return self
+
+    async def __anext__(self) -> RawChunk | WireError:
+        if self.complete or self.closed or self.desync is not None:
+            raise StopAsyncIteration
+        chunk = self._pending
+        if chunk is None:
+            try:
+                chunk = await anext(self._source)
+            except StopAsyncIteration:
+                self.closed = True
+                raise
+        self._pending = None
+        self._track(chunk)
+        return chunk
+
+    def _track(self, chunk: RawChunk | WireError) -> None:
+        if isinstance(chunk, WireError):
+            self.desync = "a chunk that does not parse"
+            return
+        if self._chunk_bytes is None:
+            if chunk.header is None:
+                self.desync = "a vector whose first chunk carries no header"
+                return
+            self.header_sender = chunk.header.sender_id
+            try:
+                self._chunk_bytes = validate_chunk_bytes(chunk.header.chunk_bytes)
+            except ValueError:
+                self.desync = f"a header with an invalid chunk_bytes ({chunk.header.chunk_bytes})"
+                return
+        elif chunk.header is not None:
+            self.desync = "a second header inside a vector"
+            return
+        size = len(chunk.data)
+        self._payload_bytes += size
+        if size > self._chunk_bytes:
+            self.desync = f"a {size}-byte chunk in a vector of {self._chunk_bytes}-byte chunks"
+        elif self._payload_bytes > self._max_payload_bytes:
+            self.desync = f"more than {self._max_payload_bytes} payload bytes in one vector"
+        elif size < self._chunk_bytes:
+            self.complete = True
 
 
 class BindError(OSError):
@@ -208,6 +295,9 @@ class GossipServer:
         self._max_connection_idle_ms = max(1, round(max_connection_idle_s * 1000))
         self._push_streams: set[_PushStream] = set()
         self._push_streams_by_sender: Counter[str] = Counter()
+        self._push_stream_calls = 0  # PushStream RPCs open now (idle or receiving)
+        self._push_stream_calls_started = 0
+        self._idle_push_streams: set[asyncio.Timeout] = set()  # PushStreams waiting for their next vector
         inbox.add_advance_listener(self._abort_stale_pushes)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -273,6 +363,11 @@ class GossipServer:
         if server is None:
             return
         await self._health.enter_graceful_shutdown()
+        # PushStreams waiting for their next vector end now (OK) instead of holding stop() for `grace`.
+        now = asyncio.get_running_loop().time()
+        for waiting in list(self._idle_push_streams):
+            with contextlib.suppress(RuntimeError):
+                waiting.reschedule(now)
         await server.stop(grace)
         _log.info("gossip_server_stopped", node_id=self._identity.node_id)
 
@@ -310,8 +405,19 @@ class GossipServer:
 
     @property
     def push_streams_in_flight(self) -> int:
-        """PushVector streams currently admitted (each may hold one receive buffer)."""
+        """Pushes currently admitted (each may hold one receive buffer): PushVector calls, and vectors
+        arriving on PushStreams."""
         return len(self._push_streams)
+
+    @property
+    def push_stream_calls(self) -> int:
+        """PushStream RPCs open now, idle between vectors or receiving one."""
+        return self._push_stream_calls
+
+    @property
+    def push_stream_calls_started(self) -> int:
+        """PushStream RPCs accepted since start (a client reuses one for many vectors)."""
+        return self._push_stream_calls_started
 
     @property
     def handshaken_peers(self) -> dict[str, HandshakenPeer]:
@@ -342,6 +448,11 @@ class GossipServer:
                 request_deserializer=_parse_or_error,
                 response_serializer=pb.PushAck.SerializeToString,
             ),
+            "PushStream": grpc.stream_stream_rpc_method_handler(
+                self._rpc_push_stream,
+                request_deserializer=_parse_or_error,
+                response_serializer=pb.PushAck.SerializeToString,
+            ),
             "FetchState": grpc.unary_stream_rpc_method_handler(
                 self._rpc_fetch_state,
                 request_deserializer=pb.StateRequest.FromString,
@@ -366,13 +477,114 @@ class GossipServer:
     ) -> pb.PushAck:
         authenticated = caller_identity(context)  # once per stream: it reads the TLS auth context
         peer = authenticated or context.peer()
+        result, _ = await self._receive_push(chunks, peer, authenticated)
+        if isinstance(result, pb.PushAck):
+            return result
+        code, reason = result
+        await context.abort(code, reason)
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def _rpc_push_stream(
+        self, requests: AsyncIterator[RawChunk | WireError], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Vector after vector on one stream, one PushAck each, in order (see the module docstring)."""
+        authenticated = caller_identity(context)
+        peer = authenticated or context.peer()
+        if self._push_stream_calls >= self._max_push_streams:
+            reason = (
+                f"{self._identity.node_id!r} has {self._push_stream_calls} PushStream calls open, "
+                f"the most it admits at once; retry later"
+            )
+            self._log_once(peer, "push_stream_calls_exhausted", reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        self._push_stream_calls += 1
+        self._push_stream_calls_started += 1
+        source = aiter(requests)
+        # Payload bound for finding a refused vector's end: no acceptable vector is larger (float32).
+        max_payload_bytes = max(4 * self._vector_length, MAX_CHUNK_BYTES)
+        try:
+            # Headers at once: the sender waits for them before its first vector (PeerClient._exchange).
+            await context.send_initial_metadata(())
+            while (first := await self._next_pushed_vector(source)) is not None:
+                vector = _VectorChunks(first, source, max_payload_bytes)
+                result, interrupted = await self._receive_push(vector, peer, authenticated)
+                if not isinstance(result, pb.PushAck):
+                    await context.abort(*result)
+                await self._send_ack(context, peer, result)
+                if interrupted or vector.closed or vector.desync is not None:
+                    # A read was cancelled (the stream cannot be read on), or the next vector's start is
+                    # unknown: end here; the sender opens a new stream for its next vector.
+                    self._log_desync(vector, peer, authenticated)
+                    return
+                if not vector.complete and not await self._skip_rest(vector, peer, authenticated, context):
+                    return
+        finally:
+            self._push_stream_calls -= 1
+
+    async def _next_pushed_vector(
+        self, source: AsyncIterator[RawChunk | WireError]
+    ) -> RawChunk | WireError | None:
+        """The first chunk of a PushStream's next vector; None when the sender closed the stream, it was
+        idle for the connection idle limit (so idle connections still close), or the server stops."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(loop.time() + self._max_connection_idle_ms / 1000) as waiting:
+                self._idle_push_streams.add(waiting)
+                try:
+                    return await anext(source)
+                finally:
+                    self._idle_push_streams.discard(waiting)
+        except (StopAsyncIteration, TimeoutError):
+            return None
+
+    async def _send_ack(self, context: grpc.aio.ServicerContext, peer: str, ack: pb.PushAck) -> None:
+        try:
+            async with asyncio.timeout(self._stall_timeout):
+                await context.write(ack)
+        except TimeoutError:
+            reason = f"PushStream stalled: {peer!r} read no ack for {self._stall_timeout:g} s"
+            self._log_once(peer, "push_stalled", reason)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
+
+    async def _skip_rest(
+        self, vector: _VectorChunks, peer: str, authenticated: str | None, context: grpc.aio.ServicerContext
+    ) -> bool:
+        """Read and drop the rest of a vector refused before its end (the sender may already have sent it
+        all); False when the stream must end. The stall limit applies per chunk, as while receiving."""
+        sender = vector.sender(peer, authenticated)
+        try:
+            while True:
+                async with asyncio.timeout(self._stall_timeout):
+                    chunk = await anext(vector)
+                if not isinstance(chunk, WireError):
+                    self._count_received(sender, chunk.message_bytes)
+        except StopAsyncIteration:
+            pass
+        except TimeoutError:
+            reason = f"PushStream stalled: no chunk from {sender!r} for {self._stall_timeout:g} s"
+            self._log_once(sender, "push_stalled", reason)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
+        self._log_desync(vector, peer, authenticated)
+        return vector.complete
+
+    def _log_desync(self, vector: _VectorChunks, peer: str, authenticated: str | None) -> None:
+        if vector.desync is not None:
+            reason = f"PushStream ended after {vector.desync}"
+            self._log_once(vector.sender(peer, authenticated), "push_stream_desync", reason)
+
+    async def _receive_push(
+        self, chunks: AsyncIterator[RawChunk | WireError], peer: str, authenticated: str | None
+    ) -> tuple[pb.PushAck | tuple[grpc.StatusCode, str], bool]:
+        """One pushed vector, for PushVector and PushStream alike: the total cap, the stall/stale
+        watchdog and the per-sender cap, then `_handle_push`. Returns the ack (or the status code and
+        reason to abort the RPC with), and whether a read of `chunks` was interrupted by an abort."""
         if len(self._push_streams) >= self._max_push_streams:
             reason = (
                 f"{self._identity.node_id!r} is receiving {len(self._push_streams)} PushVector streams, "
                 f"the most it admits at once; retry later"
             )
             self._log_once(peer, "push_streams_exhausted", reason)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED, reason), False
         stream = _PushStream(peer=peer, stall_timeout=self._stall_timeout)
         self._push_streams.add(stream)
         try:
@@ -383,11 +595,7 @@ class GossipServer:
                 self._push_streams_by_sender[stream.sender] -= 1
                 if self._push_streams_by_sender[stream.sender] <= 0:
                     del self._push_streams_by_sender[stream.sender]
-        if isinstance(result, pb.PushAck):
-            return result
-        code, reason = result
-        await context.abort(code, reason)
-        raise AssertionError("unreachable: context.abort raises")
+        return result, stream.aborted is not None
 
     async def _rpc_fetch_state(self, request: pb.StateRequest, context: grpc.aio.ServicerContext) -> None:
         # context.write instead of yielding frames, so every send can be bounded: a requester that
@@ -486,7 +694,7 @@ class GossipServer:
         assembler: VectorAssembler | None = None
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(loop.time() + self._stall_timeout) as deadline:
+            async with asyncio.timeout_at(loop.time() + self._stall_timeout) as deadline:
                 stream.deadline = deadline
                 async for chunk in chunks:
                     if stream.aborted is not None:
@@ -580,6 +788,7 @@ class GossipServer:
                 round=decoded.round,
                 vector=decoded.vector,
                 epoch=decoded.membership_epoch,
+                edge=decoded.edge,
             )
         )
         if outcome.delivered:

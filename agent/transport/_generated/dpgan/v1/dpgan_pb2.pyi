@@ -13,6 +13,9 @@ class WireDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WIRE_DTYPE_FLOAT32: _ClassVar[WireDtype]
     WIRE_DTYPE_BFLOAT16: _ClassVar[WireDtype]
     WIRE_DTYPE_FLOAT16: _ClassVar[WireDtype]
+    WIRE_DTYPE_INT8_BLOCKS: _ClassVar[WireDtype]
+    WIRE_DTYPE_TOPK: _ClassVar[WireDtype]
+    WIRE_DTYPE_RANDK: _ClassVar[WireDtype]
 
 class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +33,9 @@ WIRE_DTYPE_UNSPECIFIED: WireDtype
 WIRE_DTYPE_FLOAT32: WireDtype
 WIRE_DTYPE_BFLOAT16: WireDtype
 WIRE_DTYPE_FLOAT16: WireDtype
+WIRE_DTYPE_INT8_BLOCKS: WireDtype
+WIRE_DTYPE_TOPK: WireDtype
+WIRE_DTYPE_RANDK: WireDtype
 PUSH_STATUS_UNSPECIFIED: PushStatus
 PUSH_STATUS_ACCEPTED: PushStatus
 PUSH_STATUS_BUFFERED_AHEAD: PushStatus
@@ -116,7 +122,7 @@ class HandshakeResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VectorHeader(_message.Message):
-    __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape")
+    __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape", "edge")
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +133,7 @@ class VectorHeader(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FIELD_NUMBER: _ClassVar[int]
     sender_id: str
     iteration: int
     round: int
@@ -137,7 +144,24 @@ class VectorHeader(_message.Message):
     chunk_bytes: int
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., element_count: _Optional[int] = ..., checksum: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    edge: EdgeCopy
+    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., element_count: _Optional[int] = ..., checksum: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., edge: _Optional[_Union[EdgeCopy, _Mapping]] = ...) -> None: ...
+
+class EdgeCopy(_message.Message):
+    __slots__ = ("reset", "base", "seen", "kept", "seed", "block")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    SEEN_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    base: int
+    seen: int
+    kept: int
+    seed: int
+    block: int
+    def __init__(self, reset: _Optional[bool] = ..., base: _Optional[int] = ..., seen: _Optional[int] = ..., kept: _Optional[int] = ..., seed: _Optional[int] = ..., block: _Optional[int] = ...) -> None: ...
 
 class VectorChunk(_message.Message):
     __slots__ = ("header", "data")

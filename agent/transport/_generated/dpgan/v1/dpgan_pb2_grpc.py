@@ -45,6 +45,11 @@ class GossipStub:
                 request_serializer=dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.SerializeToString,
                 response_deserializer=dpgan_dot_v1_dot_dpgan__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.PushStream = channel.stream_stream(
+                '/dpgan.v1.Gossip/PushStream',
+                request_serializer=dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.SerializeToString,
+                response_deserializer=dpgan_dot_v1_dot_dpgan__pb2.PushAck.FromString,
+                _registered_method=True)
         self.FetchState = channel.unary_stream(
                 '/dpgan.v1.Gossip/FetchState',
                 request_serializer=dpgan_dot_v1_dot_dpgan__pb2.StateRequest.SerializeToString,
@@ -70,6 +75,20 @@ class GossipServicer:
 
     def PushVector(self, request_iterator, context):
         """Sender pushes one full parameter vector for one (iteration, round) as a stream of chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushStream(self, request_iterator, context):
+        """Long-lived push stream, one per neighbour for the whole run: the sender sends vector after vector,
+        each exactly as in PushVector (header in its first chunk), and the receiver answers one PushAck per
+        vector, in order. A vector ends with its first chunk carrying fewer than header.chunk_bytes payload
+        bytes; a sender whose payload is a whole number of chunks follows it with one empty VectorChunk.
+        A receiver that cannot find a vector's end (malformed framing) acks it and then ends the stream; a
+        receiver that does not implement this RPC answers UNIMPLEMENTED and the sender uses PushVector.
+        The receiver sends its response headers as soon as it accepts a stream; the sender waits for them
+        before its first vector (so a write never races an UNIMPLEMENTED or RESOURCE_EXHAUSTED answer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +121,11 @@ def add_GossipServicer_to_server(servicer, server):
             ),
             'PushVector': grpc.stream_unary_rpc_method_handler(
                     servicer.PushVector,
+                    request_deserializer=dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.FromString,
+                    response_serializer=dpgan_dot_v1_dot_dpgan__pb2.PushAck.SerializeToString,
+            ),
+            'PushStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushStream,
                     request_deserializer=dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.FromString,
                     response_serializer=dpgan_dot_v1_dot_dpgan__pb2.PushAck.SerializeToString,
             ),
@@ -169,6 +193,33 @@ class Gossip:
             request_iterator,
             target,
             '/dpgan.v1.Gossip/PushVector',
+            dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.SerializeToString,
+            dpgan_dot_v1_dot_dpgan__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dpgan.v1.Gossip/PushStream',
             dpgan_dot_v1_dot_dpgan__pb2.VectorChunk.SerializeToString,
             dpgan_dot_v1_dot_dpgan__pb2.PushAck.FromString,
             options,
