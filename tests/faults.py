@@ -478,21 +478,22 @@ def _fmt(value: Any) -> str:
 _SIMULATIONS: dict[tuple[int, str], Path] = {}
 
 
-def simulate(root: Path, iterations: int) -> Path:
+def simulate(root: Path, iterations: int, extra: Sequence[str] = ()) -> Path:
     """``dpgan-agent simulate`` with the cluster-wide flags: what 4 undisturbed agents compute, bit for bit
     (tests/test_agent_cluster.py). Returns the folder holding node-<i>/final.safetensors (cached)."""
-    key = (iterations, str(root))
+    key = (iterations, str(root), tuple(extra))
     if key not in _SIMULATIONS:
-        out = root / f"simulated-{iterations}"
-        argv = [sys.executable, "-m", "agent.cli", "simulate", *CLUSTER_FLAGS, *iteration_flags(iterations),
+        out = root / f"simulated-{iterations}{''.join(extra).replace('-', '')}"
+        argv = [sys.executable, "-m", "agent.cli", "simulate", *CLUSTER_FLAGS, *extra, *iteration_flags(iterations),
                 "--nodes", str(NODES), "--out", str(out)]  # fmt: skip
         subprocess.run(argv, check=True, cwd=REPO, capture_output=True, timeout=300)
         _SIMULATIONS[key] = out
     return _SIMULATIONS[key]
 
 
-def undisturbed_spread(root: Path, iterations: int = ITERATIONS) -> float:
-    out = simulate(root, iterations)
+def undisturbed_spread(root: Path, iterations: int = ITERATIONS, extra: Sequence[str] = ()) -> float:
+    """Spread of the final models of an undisturbed run; ``extra``: more cluster flags (compression)."""
+    out = simulate(root, iterations, extra)
     return spread([out / f"node-{i}" / "final.safetensors" for i in range(NODES)])[0]
 
 
@@ -505,9 +506,10 @@ def _out_of_step_fault(
     inject: Callable[[Cluster], tuple[float, float]],
     reference: float,
     netns: Any = None,
+    extra: Sequence[str] = (),
 ) -> Result:
     result = Result(name)
-    flags = [*CLUSTER_FLAGS, *AGENT_FLAGS, *iteration_flags(ITERATIONS)]
+    flags = [*CLUSTER_FLAGS, *extra, *AGENT_FLAGS, *iteration_flags(ITERATIONS)]
     with Cluster(root, flags, netns=netns).start() as cluster:
         trained = cluster.wait_iteration(10, timeout=90)
         time.sleep(WARMUP_S)
@@ -562,12 +564,17 @@ def _out_of_step_fault(
 
 
 def scenario_freeze(
-    root: Path, seconds: float = 6.0, victim: int = 1, reference: float | None = None
+    root: Path,
+    seconds: float = 6.0,
+    victim: int = 1,
+    reference: float | None = None,
+    extra: Sequence[str] = (),
 ) -> Result:
-    """SIGSTOP one node for ``seconds``, then SIGCONT."""
-    reference = undisturbed_spread(root) if reference is None else reference
+    """SIGSTOP one node for ``seconds``, then SIGCONT; ``extra``: more cluster flags (compression)."""
+    reference = undisturbed_spread(root, extra=extra) if reference is None else reference
+    name = " ".join([f"freeze {seconds:.0f} s", *extra])
     return _out_of_step_fault(
-        f"freeze {seconds:.0f} s", root / "freeze", lambda c: c.freeze(victim, seconds), reference
+        name, root / "freeze", lambda c: c.freeze(victim, seconds), reference, extra=extra
     )
 
 
@@ -584,11 +591,14 @@ def scenario_cut(
 # ---- scenario: kill -9 and restart with the same id ------------------------------------------------------
 
 
-def scenario_restart(root: Path, resume: bool, victim: int = 2, down_s: float = 2.0) -> Result:
-    """kill -9 one node, restart it ``down_s`` later with the same node id and address."""
-    result = Result("restart same id" + (" --resume" if resume else ""))
+def scenario_restart(
+    root: Path, resume: bool, victim: int = 2, down_s: float = 2.0, extra: Sequence[str] = ()
+) -> Result:
+    """kill -9 one node, restart it ``down_s`` later with the same node id and address; ``extra``: more
+    cluster flags (compression)."""
+    result = Result(" ".join(["restart same id" + (" --resume" if resume else ""), *extra]))
     root = root / ("restart-resume" if resume else "restart")
-    flags = [*CLUSTER_FLAGS, *AGENT_FLAGS, *iteration_flags(100_000), "--checkpoint-every", "100"]
+    flags = [*CLUSTER_FLAGS, *extra, *AGENT_FLAGS, *iteration_flags(100_000), "--checkpoint-every", "100"]
     with Cluster(root, flags).start() as cluster:
         trained = cluster.wait_iteration(10, timeout=90)
         time.sleep(WARMUP_S)

@@ -60,6 +60,25 @@ def test_cut_10s_cluster_recovers(netns_cluster, tmp_path: Path, reference: floa
     check_timed(lambda root: faults.scenario_cut(root, cluster, seconds=10.0, reference=reference), tmp_path)
 
 
+@pytest.mark.timeout(360)
+def test_compressed_gossip_freeze_6s_cluster_recovers(tmp_path: Path) -> None:
+    """Top-k compressed gossip: messages lost to a frozen neighbour reset their edges (agent.core.choco);
+    the same recovery, speed and spread figures as exact gossip, against an undisturbed compressed run."""
+    extra = ["--compression", "topk"]
+    reference = faults.undisturbed_spread(tmp_path / "undisturbed", extra=extra)
+    check_timed(
+        lambda root: faults.scenario_freeze(root, seconds=6.0, reference=reference, extra=extra), tmp_path
+    )
+
+
+@pytest.mark.timeout(200)
+def test_compressed_gossip_restart_with_same_id_mixes_within_5s(tmp_path: Path) -> None:
+    """A node killed and resumed has no edge copies: its first message to each neighbour is a reset."""
+    check_timed(
+        lambda root: faults.scenario_restart(root, resume=True, extra=["--compression", "int8"]), tmp_path
+    )
+
+
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
 def test_restart_with_same_id_mixes_within_5s(tmp_path: Path, resume: bool) -> None:

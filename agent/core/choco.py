@@ -38,8 +38,8 @@ import torch
 
 from agent.core.compression import Compressed, Compressor, compress, decompress
 
-# γ used when the configuration leaves consensus_step unset (measured on ring8 with 8 nodes, one-peer exponential,
-# docs/compression.md): int8 is nearly exact, top-k/random-k at 1 % need a small step.
+# γ used when the configuration leaves consensus_step unset (measured on ring8 with 8 nodes, one-peer
+# exponential, docs/compression.md): int8 is nearly exact, top-k/random-k at 1 % need a small step.
 DEFAULT_CONSENSUS_STEP = {"int8": 1.0, "topk": 0.04, "randk": 0.01}
 
 

@@ -183,7 +183,8 @@ def _compressed(compression: CompressedGossip | None, wire_dtype: str, nodes: in
         return None
     if wire_dtype != "float32":
         raise ValueError(
-            f"compressed gossip sends float32 resets and its own codes; wire_dtype {wire_dtype!r} does not apply"
+            f"compressed gossip sends float32 resets and its own codes; wire_dtype {wire_dtype!r} "
+            "does not apply"
         )
     return _ChocoState(compression, nodes)
 

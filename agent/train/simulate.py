@@ -23,9 +23,9 @@ import torch
 
 from agent.checkpoint import Checkpoint, save_checkpoint
 from agent.core.algorithms import Hyper, NodeState, check_finite
-from agent.core.config import TrainConfig
 from agent.core.choco import consensus_step_size
 from agent.core.compression import Compressor
+from agent.core.config import TrainConfig
 from agent.core.engine import CompressedGossip, VectorizedCluster, VirtualCluster
 from agent.core.topology import MixingSchedule, make_schedule
 from agent.files import dumps_json, write_atomic
