@@ -10,6 +10,10 @@ per-node data split and the same per-node random streams, so only the communicat
 
 * ``allreduce``: one process per node; the gradients are summed with ``torch.distributed`` gloo
   ``all_reduce`` (rendezvous ``tcp://`` at the first host), then divided by n. Every process keeps x.
+  ``--fp16-hook`` compresses the gradients the way PyTorch DDP's ``fp16_compress_hook`` does (the
+  strongest stock option a DDP user reaches for): cast to float16 and divide by n in float16, all-reduce
+  the float16 vector (gloo sums in float16), cast the sum back to float32 (``fp16_average``). Half the
+  bytes; the quality twin in ``cluster_bench.py`` rounds the averaged gradient the same way.
 * ``ps-server`` / ``ps-worker``: a parameter server keeps x and the previous averaged gradient; each
   iteration it sends the extrapolation point z to every worker, receives every worker's gradient,
   averages them in rank order and applies the update. Messages are raw float32 bytes behind a fixed
@@ -162,8 +166,38 @@ def should_evaluate(config: TrainConfig, iteration: int) -> bool:
 # ---- gloo all-reduce -----------------------------------------------------------------------------
 
 
-def run_allreduce(config: TrainConfig, rank: int, world: int, master: str, timeout_s: float) -> int:
+def fp16_compress(gradient: torch.Tensor, world: int) -> torch.Tensor:
+    """What DDP's ``fp16_compress_hook`` all-reduces: the gradient cast to float16, divided by the world
+    size in float16 (``buffer.to(torch.float16).div_(world_size)``, torch/distributed/algorithms/
+    ddp_comm_hooks/default_hooks.py)."""
+    return gradient.to(torch.float16).div_(world)
+
+
+def fp16_average(gradients: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The fp16 hook's result for the given per-node gradients, in one process: each compressed as
+    ``fp16_compress``, summed in float16 in rank order (every addition rounded to float16, as gloo's
+    float16 sum rounds each partial sum; gloo's ring visits the ranks in another order per chunk, so
+    this matches it in kind, not bit for bit), cast back to float32."""
+    world = len(gradients)
+    total = fp16_compress(gradients[0], world)
+    for gradient in gradients[1:]:
+        total = total + fp16_compress(gradient, world)
+    return total.to(torch.float32)
+
+
+def run_allreduce(
+    config: TrainConfig, rank: int, world: int, master: str, timeout_s: float, fp16_hook: bool = False
+) -> int:
     import torch.distributed as dist  # only this baseline needs it
+
+    def averaged(gradient: torch.Tensor) -> torch.Tensor:
+        if fp16_hook:
+            compressed = fp16_compress(gradient, world)
+            dist.all_reduce(compressed)
+            return compressed.to(torch.float32)
+        # A sum then a division: gloo has no average op for CPU tensors.
+        dist.all_reduce(gradient)
+        return gradient / world
 
     problem, dataset = build_problem(config)
     operator = node_operator(config, problem, dataset, rank, world)
@@ -175,24 +209,21 @@ def run_allreduce(config: TrainConfig, rank: int, world: int, master: str, timeo
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
-    log_event("ready", rank=rank, world=world, parameters=problem.layout.numel)
+    log_event("ready", rank=rank, world=world, parameters=problem.layout.numel, fp16_hook=fp16_hook)
     evaluator = Evaluator(dataset, config.eval_samples, config.seed) if rank == 0 else None
     assert config.iterations is not None
     try:
-        initial = operator(problem.x0)
-        dist.all_reduce(initial)
-        state = initial_state(ALGORITHM, problem.x0, initial / world)
+        state = initial_state(ALGORITHM, problem.x0, averaged(operator(problem.x0)))
         iteration = 0
         while iteration < config.iterations:
             compute_started = time.perf_counter()
             z = extrapolate(ALGORITHM, state, state.x, hyper)
             gradient = operator(z)
             communication_started = time.perf_counter()
-            # A sum then a division: gloo has no average op for CPU tensors.
-            dist.all_reduce(gradient)
+            average = averaged(gradient)
             communication_s = time.perf_counter() - communication_started
             update_started = time.perf_counter()
-            state = advance(ALGORITHM, state, state.x, gradient / world, hyper)
+            state = advance(ALGORITHM, state, state.x, average, hyper)
             compute_s = communication_started - compute_started + time.perf_counter() - update_started
             iteration += 1
             log_event(
@@ -369,6 +400,11 @@ def parser() -> argparse.ArgumentParser:
     allreduce = command("allreduce", "one node of the gloo all-reduce baseline")
     allreduce.add_argument("--rank", type=int, required=True)
     allreduce.add_argument("--master", required=True, help="host:port of the rendezvous (rank 0's host)")
+    allreduce.add_argument(
+        "--fp16-hook",
+        action="store_true",
+        help="all-reduce the gradients as DDP's fp16_compress_hook does (float16 on the wire)",
+    )
     server = command("ps-server", "the parameter server")
     server.add_argument("--listen", required=True, help="host:port to accept workers on")
     worker = command("ps-worker", "one worker of the parameter-server baseline")
@@ -384,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("baselines.py: the wire format is little-endian float32; this machine is big-endian")
     config = config_from_args(args, {"algorithm": ALGORITHM, "nodes": args.world})
     runners: dict[str, Callable[[], int]] = {
-        "allreduce": lambda: run_allreduce(config, args.rank, args.world, args.master, args.timeout),
+        "allreduce": lambda: run_allreduce(
+            config, args.rank, args.world, args.master, args.timeout, args.fp16_hook
+        ),
         "ps-server": lambda: run_ps_server(config, args.listen, args.world, args.timeout),
         "ps-worker": lambda: run_ps_worker(config, args.server, args.rank, args.world, args.timeout),
     }

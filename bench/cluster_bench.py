@@ -14,7 +14,13 @@ Systems, all on the same model, per-node batch, data split and per-node random s
                  paced pushes (a vector goes out once the partner has entered that round)
   one-peer-exp-eager   the same with --pace off (every vector pushed as soon as it exists)
   ring-bf16      dpgan-agent, ring, t = 1, bfloat16 on the wire
+  one-peer-exp-bf16    one-peer exponential, bfloat16 on the wire
+  one-peer-exp-int8    one-peer exponential, compressed gossip (CHOCO, error feedback): int8, γ = 1
+  one-peer-exp-topk    the same with top-k, 1 % of the entries per message, γ = 0.04
+  one-peer-exp-randk   the same with random-k, 1 %, γ = 0.01
+                 (compressed systems pass --compression to the agents; ratio and γ are the agent's defaults)
   allreduce      CPOSG, gradients averaged by torch.distributed gloo all_reduce (bench/baselines.py)
+  allreduce-fp16 the same with the gradients compressed as DDP's fp16_compress_hook does (float16 on the wire)
   ps             CPOSG through a parameter server on host 0 (bench/baselines.py)
 
 How one (n, system) is measured. The n processes are started once and left running; once every node has
@@ -88,6 +94,35 @@ class System:
     rounds: int = 1
     wire_dtype: str = "float32"
     pace: str = "auto"  # the agents' --pace (auto: paced on time-varying graphs)
+    # Agents: the --compression of compressed gossip (none, int8, topk, randk; the agent's default ratio
+    # and γ). allreduce: "fp16" runs the gradients through DDP's fp16_compress_hook arithmetic.
+    compression: str = "none"
+
+    def agent_flags(self) -> list[str]:
+        """The agent flags that select this system's communication (beside the workload's)."""
+        flags = ["--topology", self.topology, "--rounds", str(self.rounds), "--wire-dtype", self.wire_dtype]
+        flags += ["--pace", self.pace]
+        if self.compression != "none":
+            flags += ["--compression", self.compression]
+        return flags
+
+    def config_keys(self) -> dict[str, Any]:
+        """The cluster configuration keys of this system's update rule (simulator and quality runs)."""
+        keys: dict[str, Any] = {
+            "topology": self.topology, "rounds": self.rounds, "wire_dtype": self.wire_dtype,
+            "algorithm": "dposg" if self.kind == "agent" else "cposg",
+        }  # fmt: skip
+        if self.kind == "agent" and self.compression != "none":
+            keys["compression"] = self.compression
+        return keys
+
+    @property
+    def update_rule(self) -> tuple[str, ...]:
+        """Systems with equal update rules compute the same iterates (one quality run stands for all):
+        pacing changes when vectors travel, not what is computed; all-reduce and PS both run CPOSG."""
+        if self.kind != "agent":
+            return ("cposg", self.compression)
+        return ("dposg", self.topology, str(self.rounds), self.wire_dtype, self.compression)
 
 
 SYSTEMS: dict[str, System] = {
@@ -104,7 +139,36 @@ SYSTEMS: dict[str, System] = {
             pace="off",
         ),
         System("ring-bf16", "DPOSG ring, t=1, bf16 wire", "agent", wire_dtype="bfloat16"),
+        System(
+            "one-peer-exp-bf16",
+            "DPOSG one-peer exponential, bf16 wire",
+            "agent",
+            topology="one_peer_exponential",
+            wire_dtype="bfloat16",
+        ),
+        System(
+            "one-peer-exp-int8",
+            "DPOSG one-peer exponential, CHOCO int8",
+            "agent",
+            topology="one_peer_exponential",
+            compression="int8",
+        ),
+        System(
+            "one-peer-exp-topk",
+            "DPOSG one-peer exponential, CHOCO top-k 1 %",
+            "agent",
+            topology="one_peer_exponential",
+            compression="topk",
+        ),
+        System(
+            "one-peer-exp-randk",
+            "DPOSG one-peer exponential, CHOCO random-k 1 %",
+            "agent",
+            topology="one_peer_exponential",
+            compression="randk",
+        ),
         System("allreduce", "CPOSG gloo all-reduce", "allreduce"),
+        System("allreduce-fp16", "CPOSG gloo all-reduce, fp16 hook", "allreduce", compression="fp16"),
         System("ps", "CPOSG parameter server", "ps"),
     )
 }
@@ -382,9 +446,7 @@ class Launch:
                     "--node-id", f"node{i:02d}", "--out", str(self.folder / f"node{i:02d}"),
                     "--log-format", "json", "--log-every", "1", "--checkpoint-every", str(ENDLESS),
                     "--round-timeout", str(self.round_timeout), "--startup-timeout", "300",
-                    "--topology", self.system.topology, "--rounds", str(self.system.rounds),
-                    "--wire-dtype", self.system.wire_dtype, "--pace", self.system.pace, *config,
-                    *security[node_ids[i]],
+                    *self.system.agent_flags(), *config, *security[node_ids[i]],
                 ]  # fmt: skip
                 self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
             return
@@ -392,8 +454,9 @@ class Launch:
         common = ["--world", str(n), "--timeout", "300", *config]
         if self.system.kind == "allreduce":
             master = f"{hosts[0].address}:{RENDEZVOUS_PORT}"
+            hook = ["--fp16-hook"] if self.system.compression == "fp16" else []
             for i, host in enumerate(hosts):
-                argv = [*baseline, "allreduce", "--rank", str(i), "--master", master, *common]
+                argv = [*baseline, "allreduce", "--rank", str(i), "--master", master, *common, *hook]
                 self.followers.append(self._spawn(host.name, f"node{i:02d}", argv))
             return
         server = f"{hosts[0].address}:{PS_PORT}"
@@ -580,6 +643,20 @@ def window_stats(result: LaunchResult, rate: float | None) -> dict[str, Any]:
     }
 
 
+def link_use(result: LaunchResult, rate: float | None) -> float | None:
+    """Bytes the busiest node put on the wire per second while training, as a fraction of its link rate:
+    its bridge-port bytes per iteration (everything it sent: payload, headers, ACKs) / seconds per
+    iteration at ``rate`` / (rate / 8). None unshaped or unmeasured."""
+    seconds = window_stats(result, rate)["seconds_per_iteration"]
+    if rate is None or seconds is None or not result.wire_bytes_per_iteration:
+        return None
+    return max(result.wire_bytes_per_iteration) / seconds / (rate * MEGABYTE / 8)
+
+
+def format_link_use(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
 def format_ms(value: float | None) -> str:
     return "—" if value is None else f"{1000 * value:.0f}"
 
@@ -593,9 +670,9 @@ def print_tables(results: list[LaunchResult], rates: Sequence[float | None]) -> 
                 f"### {n} nodes, {rate_label(rate)}",
                 "",
                 "| system | s/iteration (median) | min–max | vs PS | vs all-reduce | compute ms | "
-                "communication ms | MB sent/node/iter (mean, max node) | payload MB/node/iter | load | "
-                "other cores |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "communication ms | MB sent/node/iter (mean, max node) | payload MB/node/iter | "
+                "link use | load | other cores |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             by_system = {r.system: r for r in results if r.nodes == n}
             reference = {
@@ -609,7 +686,7 @@ def print_tables(results: list[LaunchResult], rates: Sequence[float | None]) -> 
                 if stalls:
                     label += f" ⚠ {stalls} gossip anomalies (results.json)"
                 if result.error:
-                    lines.append(f"| {label} | failed: {result.error.splitlines()[0]} |||||||||")
+                    lines.append(f"| {label} | failed: {result.error.splitlines()[0]} ||||||||||")
                     continue
                 stats = window_stats(result, rate)
                 seconds = stats["seconds_per_iteration"]
@@ -625,9 +702,10 @@ def print_tables(results: list[LaunchResult], rates: Sequence[float | None]) -> 
                     f"{format_ms(stats['compute_s'])} | {format_ms(stats['communication_s'])} | "
                     f"{statistics.fmean(wire) / MEGABYTE:.2f}, {max(wire) / MEGABYTE:.2f} | "
                     + ("—" if payload is None else f"{payload / MEGABYTE:.2f}")
+                    + f" | {format_link_use(link_use(result, rate))}"
                     + f" | {stats['load_average']:.1f} | {stats['other_cores']:.2f} |"
                     if seconds is not None
-                    else f"| {label} | no complete window |||||||||"
+                    else f"| {label} | no complete window ||||||||||"
                 )
     print("\n".join(lines), flush=True)
     return lines
@@ -643,14 +721,21 @@ def goal_lines(results: list[LaunchResult]) -> list[str]:
         return None
 
     lines = ["", "### Goals (8 nodes, 20 Mbit/s)", ""]
-    for name, base, bound in (
+    optional = [
+        (name, base, bound)
+        for name in ("one-peer-exp-int8", "one-peer-exp-topk", "one-peer-exp-randk")
+        for base, bound in (("allreduce", 0.3), ("allreduce-fp16", 0.6))
+    ]
+    for name, base, bound in [
         ("ring", "ps", 0.25),
         ("one-peer-exp", "ps", 0.25),
         ("one-peer-exp", "allreduce", 0.6),
-    ):
+        *optional,
+    ]:
         a, b = seconds(name), seconds(base)
         if a is None or b is None:
-            lines.append(f"- {name} ≤ {bound}× {base}: not measured in this run")
+            if (name, base, bound) not in optional:
+                lines.append(f"- {name} ≤ {bound}× {base}: not measured in this run")
             continue
         verdict = "met" if a / b <= bound else "missed"
         lines.append(f"- {SYSTEMS[name].label} ≤ {bound}× {SYSTEMS[base].label}: {a / b:.2f}× — {verdict}")
@@ -672,70 +757,70 @@ class QualityJob:
 
 
 def quality_run(job: QualityJob) -> dict[str, Any]:
-    """One system's update rule in one process, the average model evaluated every ``eval_every``."""
-    import torch
+    """One system's update rule in one process, the average model evaluated every ``eval_every``.
 
-    from agent.core.algorithms import advance, check_algorithm, extrapolate, initial_state, mean_canonical
+    Agent systems run ``agent.core.engine.VirtualCluster`` itself (the simulator; real agents reproduce
+    it bit for bit, wire rounding and compressed gossip included). CPOSG runs the same cluster with the
+    gradients averaged; the fp16-hook twin averages them as ``baselines.fp16_average`` does."""
+    import torch
+    from baselines import fp16_average  # bench/ is on sys.path (the script's folder)
+
+    from agent.core.algorithms import advance, extrapolate
     from agent.core.config import build_config
-    from agent.core.mixing import mix_row
+    from agent.core.engine import VirtualCluster
     from agent.train.data import load_dataset, partition
     from agent.train.evaluate import Evaluator
-    from agent.train.simulate import hyper_from, schedule_from
+    from agent.train.simulate import compression_from, hyper_from, schedule_from
     from agent.train.workload import GanProblem, node_generator
+
+    class Fp16HookCluster(VirtualCluster):
+        """CPOSG whose averaged gradient is what DDP's fp16_compress_hook all-reduce returns."""
+
+        def _initial_gradients(self, x0: torch.Tensor) -> list[torch.Tensor | None]:
+            return [fp16_average([fn(x0) for fn in self.gradient_fns])] * self.n
+
+        def step(self) -> None:
+            states, hyper = self.states, self.hyper
+            points = [extrapolate(self.algorithm, state, state.x, hyper) for state in states]
+            gradients = [fn(z) for fn, z in zip(self.gradient_fns, points, strict=True)]
+            average = fp16_average(gradients)
+            self.states = [advance(self.algorithm, state, state.x, average, hyper) for state in states]
+            self.iteration += 1
 
     torch.set_num_threads(1)
     system, n, workload = SYSTEMS[job.system], job.nodes, job.workload
     config = build_config(
-        {
-            **workload.config_keys(), "seed": job.seed, "nodes": n, "topology": system.topology,
-            "rounds": system.rounds, "algorithm": "dposg" if system.kind == "agent" else "cposg",
-            "iterations": job.iterations, "wire_dtype": system.wire_dtype,
-        }
+        {**workload.config_keys(), "seed": job.seed, "nodes": n, "iterations": job.iterations,
+         **system.config_keys()}
     )  # fmt: skip
-    algorithm = check_algorithm(config.algorithm)
     dataset = load_dataset(config.dataset, seed=config.seed)
     problem = GanProblem.build(config, dataset.spec, torch.device("cpu"))
     shards = partition(dataset, n, config.split, seed=config.seed)
     operators = [problem.node_operator(shards[i], node_generator(config.seed, i)) for i in range(n)]
     schedule = schedule_from(config, n)
-    hyper = hyper_from(config)
     evaluator = Evaluator(dataset, config.eval_samples, config.seed)
-    wire = getattr(torch, config.wire_dtype)
-
-    def on_wire(x: torch.Tensor) -> torch.Tensor:
-        # What a neighbour decodes: the agent's codec casts to the wire dtype, the receiver back to float32;
-        # a node mixes its own x unrounded.
-        return x if wire == torch.float32 else x.to(wire).to(torch.float32)
-
-    initial = [op(problem.x0) for op in operators]
-    if algorithm == "cposg":
-        initial = [mean_canonical(initial)] * n
-    states = [initial_state(algorithm, problem.x0, g) for g in initial]
+    kind = Fp16HookCluster if system.kind != "agent" and system.compression == "fp16" else VirtualCluster
+    cluster = kind(
+        config.algorithm,
+        problem.x0,
+        operators,
+        lambda round_index: [schedule.row(i, round_index) for i in range(n)],
+        config.rounds,
+        hyper_from(config),
+        wire_dtype=config.wire_dtype,
+        compression=compression_from(config),
+    )
     history = []
     started = time.perf_counter()
     for k in range(job.iterations):
-        mixed = [s.x for s in states]
-        if algorithm == "dposg":
-            for r in range(config.rounds):
-                rows = [schedule.row(i, k * config.rounds + r) for i in range(n)]
-                sent = [on_wire(x) for x in mixed]
-                mixed = [
-                    mix_row(rows[i], {j: mixed[j] if j == i else sent[j] for j, _ in rows[i]})
-                    for i in range(n)
-                ]
-        points = [extrapolate(algorithm, s, x, hyper) for s, x in zip(states, mixed, strict=True)]
-        gradients = [op(z) for op, z in zip(operators, points, strict=True)]
-        if algorithm == "cposg":
-            gradients = [mean_canonical(gradients)] * n
-        states = [
-            advance(algorithm, s, x, g, hyper) for s, x, g in zip(states, mixed, gradients, strict=True)
-        ]
+        cluster.step()
         if (k + 1) % job.eval_every == 0:
-            average = torch.stack([s.x for s in states]).double().mean(0).float()
-            history.append({"iteration": k + 1, **evaluator.evaluate(problem, average)})
+            record = {"iteration": k + 1, **evaluator.evaluate(problem, cluster.average())}
+            record["consensus_distance"] = cluster.consensus_distance()
+            history.append(record)
     return {
         "system": job.system,
-        "label": "CPOSG (all-reduce and PS)" if algorithm == "cposg" else system.label,
+        "label": quality_label(job.system),
         "seed": job.seed,
         "nodes": n,
         "width": workload.width,
@@ -744,19 +829,32 @@ def quality_run(job: QualityJob) -> dict[str, Any]:
     }
 
 
+def quality_label(name: str) -> str:
+    system = SYSTEMS[name]
+    if system.kind == "agent":
+        return system.label
+    return (
+        "CPOSG, fp16-hook gradients (all-reduce fp16)"
+        if system.compression == "fp16"
+        else ("CPOSG (all-reduce and PS)")
+    )
+
+
+def timed_systems(name: str) -> list[str]:
+    """The systems whose wall time a quality run of ``name`` gives: every timing system of its rule."""
+    return [other for other, system in SYSTEMS.items() if system.update_rule == SYSTEMS[name].update_rule]
+
+
 def quality_runs(args: argparse.Namespace, workload: Workload, n: int) -> list[dict[str, Any]]:
     """Every quality system for every seed, ``--quality-jobs`` processes at a time."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    # The two baselines run the same update (CPOSG): one run stands for both.
-    systems, has_cposg = [], False
+    # Systems with the same update rule (all-reduce and PS; paced and unpaced) share one run.
+    by_rule: dict[tuple[str, ...], str] = {}
     for name in args.quality_systems:
-        if SYSTEMS[name].kind != "agent":
-            if has_cposg:
-                continue
-            has_cposg = True
-        systems.append(name)
+        by_rule.setdefault(SYSTEMS[name].update_rule, name)
+    systems = list(by_rule.values())
     jobs = [
         QualityJob(name, seed, n, workload, args.quality_iterations, args.quality_eval_every)
         for name in systems
@@ -818,14 +916,68 @@ def per_seed(values: Sequence[int | None]) -> str:
     return ", ".join("—" if v is None else str(v) for v in values)
 
 
+def final_score(record: dict[str, Any], args: argparse.Namespace) -> float | None:
+    """The headline number of the last evaluation: digits FID, ring8 high-quality fraction."""
+    last = record["history"][-1] if record["history"] else {}
+    key = "classifier_fid" if args.quality_dataset == "digits" else "high_quality"
+    value = last.get(key)
+    return None if value is None else float(value)
+
+
+def timing_of(results: list[LaunchResult], name: str, n: int) -> LaunchResult | None:
+    return next((r for r in results if r.system == name and r.nodes == n and not r.error), None)
+
+
+def target_times(
+    records: list[dict[str, Any]], results: list[LaunchResult], args: argparse.Namespace
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per timed system and n: the quality run's iterations to the target (median over the seeds that
+    reached it), its final scores, and per rate the seconds per iteration and the wall time to target."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["system"], record["nodes"]), []).append(record)
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    for (name, n), group in groups.items():
+        reached = [first_reaching(r["history"], args) for r in group]
+        hits = [k for k in reached if k is not None]
+        # Seeds that never reach the target have no wall time: the median is over those that did.
+        iterations = statistics.median(hits) if hits else None
+        # A quality run stands for every system of its update rule; each pays its own s/iteration.
+        names = [t for t in timed_systems(name) if timing_of(results, t, n)] or [name]
+        for system_name in names:
+            timing = timing_of(results, system_name, n)
+            per_rate = {}
+            for rate in args.rates:
+                seconds = None if timing is None else window_stats(timing, rate)["seconds_per_iteration"]
+                per_rate[rate] = {
+                    "seconds_per_iteration": seconds,
+                    "to_target_s": None if iterations is None or seconds is None else iterations * seconds,
+                    "link_use": None if timing is None else link_use(timing, rate),
+                }
+            table[(system_name, n)] = {
+                "quality_system": name,
+                "group": group,
+                "reached": reached,
+                "reached_looser": [first_reaching(r["history"], args, looser=True) for r in group],
+                "iterations": iterations,
+                "finals": [final_score(r, args) for r in group],
+                "rates": per_rate,
+            }
+    return table
+
+
 def quality_table(
     records: list[dict[str, Any]], results: list[LaunchResult], args: argparse.Namespace
 ) -> list[str]:
     """Per system: iterations to the target (and to a looser one) per seed, quality at the last iteration,
-    and the wall time to the target at each measured rate (median iterations × median s/iteration)."""
-    rate_columns = " | ".join(f"to target at {rate_label(rate)} (s)" for rate in args.rates)
+    and the wall time to the target at each measured rate (median iterations × median s/iteration), with
+    the link use of that system's timing run; then the issue's time-to-target goals."""
+    rate_columns = " | ".join(
+        f"to target at {rate_label(rate)} (s) | link use at {rate_label(rate)}" for rate in args.rates
+    )
     target, looser = target_description(args)
     final = "FID, classes" if args.quality_dataset == "digits" else "modes, HQ"
+    mean_name = "mean FID" if args.quality_dataset == "digits" else "mean HQ"
     lines = [
         "",
         f"### Quality: {args.quality_dataset}, {target} (network-average model, evaluated every "
@@ -833,38 +985,72 @@ def quality_table(
         f"{', '.join(map(str, args.quality_seeds))})",
         "",
         f"| system | nodes | iterations to target, per seed | to {looser}, per seed | "
-        f"{final} at {args.quality_iterations}, per seed | {rate_columns} |",
-        "|---|---:|---:|---:|---|" + "---:|" * len(args.rates),
+        f"{final} at {args.quality_iterations}, per seed | {mean_name} | {rate_columns} |",
+        "|---|---:|---:|---:|---|---:|" + "---:|---:|" * len(args.rates),
     ]
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for record in records:
-        groups.setdefault((record["system"], record["nodes"]), []).append(record)
-    for (name, n), group in groups.items():
-        reached = [first_reaching(r["history"], args) for r in group]
-        reached_looser = [first_reaching(r["history"], args, looser=True) for r in group]
-        hits = [k for k in reached if k is not None]
-        # Seeds that never reach the target have no wall time: the median is over those that did.
-        iterations = statistics.median(hits) if hits else None
-        finals = "; ".join(describe_quality(r["history"][-1] if r["history"] else {}, args) for r in group)
-        # CPOSG's iterations apply to both baselines; each pays its own seconds per iteration.
-        names = ["allreduce", "ps"] if SYSTEMS[name].kind != "agent" else [name]
-        for system_name in names:
-            cells = []
-            for rate in args.rates:
-                seconds = next(
-                    (
-                        window_stats(r, rate)["seconds_per_iteration"]
-                        for r in results
-                        if r.system == system_name and r.nodes == n and not r.error
-                    ),
-                    None,
-                )
-                cells.append("—" if iterations is None or seconds is None else f"{iterations * seconds:.0f}")
-            lines.append(
-                f"| {SYSTEMS[system_name].label} | {n} | {per_seed(reached)} | {per_seed(reached_looser)} | "
-                f"{finals} | " + " | ".join(cells) + " |"
+    table = target_times(records, results, args)
+    for (system_name, n), row in table.items():
+        finals = "; ".join(
+            describe_quality(r["history"][-1] if r["history"] else {}, args) for r in row["group"]
+        )
+        scores = [v for v in row["finals"] if v is not None]
+        mean = (
+            "—"
+            if not scores
+            else (
+                f"{statistics.fmean(scores):.2f}"
+                if args.quality_dataset == "digits"
+                else f"{statistics.fmean(scores):.1%}"
             )
+        )
+        cells = []
+        for rate in args.rates:
+            cell = row["rates"][rate]
+            cells.append("—" if cell["to_target_s"] is None else f"{cell['to_target_s']:.0f}")
+            cells.append(format_link_use(cell["link_use"]))
+        lines.append(
+            f"| {SYSTEMS[system_name].label} | {n} | {per_seed(row['reached'])} | "
+            f"{per_seed(row['reached_looser'])} | {finals} | {mean} | " + " | ".join(cells) + " |"
+        )
+    lines += quality_goal_lines(table, args)
     print("\n".join(lines), flush=True)
+    return lines
+
+
+def quality_goal_lines(table: dict[tuple[str, int], dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The issue's time-to-target goals (8 nodes, 20 Mbit/s): same-run ratios of wall time to target."""
+    rate = 20.0
+    if rate not in args.rates:
+        return []
+
+    def wall(name: str) -> float | None:
+        row = table.get((name, 8))
+        return None if row is None else row["rates"][rate]["to_target_s"]
+
+    lines = ["", f"### Time-to-target goals (8 nodes, 20 Mbit/s, {args.quality_dataset})", ""]
+    for name, base, bound in (
+        ("one-peer-exp", "allreduce", 0.6),
+        ("one-peer-exp-int8", "allreduce", 0.3),
+        ("one-peer-exp-int8", "allreduce-fp16", 0.6),
+        ("one-peer-exp-topk", "allreduce", 0.3),
+        ("one-peer-exp-topk", "allreduce-fp16", 0.6),
+        ("one-peer-exp-randk", "allreduce", 0.3),
+        ("one-peer-exp-randk", "allreduce-fp16", 0.6),
+    ):
+        if (name, 8) not in table or (base, 8) not in table:
+            continue
+        a, b = wall(name), wall(base)
+        if a is None or b is None:
+            lines.append(
+                f"- {SYSTEMS[name].label} ≤ {bound}× {SYSTEMS[base].label}: no wall time (target "
+                "not reached, or not timed)"
+            )
+            continue
+        verdict = "met" if a / b <= bound else "missed"
+        lines.append(
+            f"- {SYSTEMS[name].label} ≤ {bound}× {SYSTEMS[base].label}: {a:.0f} s / {b:.0f} s = "
+            f"{a / b:.2f}× — {verdict}"
+        )
     return lines
 
 

@@ -17,11 +17,11 @@ import torch
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
-from agent.transport.client import PUSH_STREAM_METHOD, PeerClient, PeerUnavailable
+from agent.transport.client import PUSH_STREAM_METHOD, PeerClient, PeerUnavailable, _stream_chunk_bytes
 from agent.transport.frames import iter_frames, parse_chunk, prepare_vector
 from agent.transport.identity import PeerIdentity
 from agent.transport.inbox import Inbox
-from agent.transport.options import MIN_CHUNK_BYTES, channel_options
+from agent.transport.options import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, channel_options
 from agent.transport.server import GossipServer
 from tests.pki import Pki
 from tests.test_transport import bits, gossip_node, identity
@@ -113,10 +113,18 @@ def test_many_vectors_over_one_stream_arrive_in_order_with_their_acks(length: in
     run(scenario)
 
 
-def test_pipelined_vectors_get_one_ack_each_in_order() -> None:
-    """The wire protocol itself, through the generated stub: four vectors written back to back before
-    any ack is read; the acks come back one per vector, in the vectors' order."""
-    length = 3 * CHUNK // 4 + 5
+def test_the_client_sizes_chunks_so_that_no_empty_end_chunk_is_needed() -> None:
+    assert _stream_chunk_bytes(3 * CHUNK + 5, CHUNK) == CHUNK
+    assert _stream_chunk_bytes(2 * CHUNK, CHUNK) == CHUNK + 4  # two chunks still, the last one short
+    assert _stream_chunk_bytes(0, CHUNK) == CHUNK
+    assert _stream_chunk_bytes(MAX_CHUNK_BYTES, MAX_CHUNK_BYTES) == MAX_CHUNK_BYTES  # then the empty chunk
+
+
+@pytest.mark.parametrize("length", [3 * CHUNK // 4 + 5, 2 * CHUNK // 4, 0])
+def test_pipelined_vectors_get_one_ack_each_in_order(length: int) -> None:
+    """The wire protocol itself, through the generated stub: five vectors written back to back before
+    any ack is read; the acks come back one per vector, in the vectors' order. Payloads that end in a
+    partial chunk, fill their last chunk (an empty chunk follows), or are empty (one header chunk)."""
     vector = torch.randn(length, generator=torch.Generator().manual_seed(1))
 
     async def scenario() -> None:

@@ -35,7 +35,7 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16")
 COMPRESSIONS = ("none", "int8", "topk", "randk")
 # Keys that only mean something with compressed gossip: left out of cluster_dict() (so of config_hash and
 # the default run id) while compression is none, so configurations written before they existed keep their
-# hash, and resume across the upgrade.
+# hash, and resume across the upgrade. ``overlap`` likewise while false.
 COMPRESSION_KEYS = ("compression", "compression_ratio", "consensus_step")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -96,6 +96,11 @@ class TrainConfig:
         None,
         "CHOCO consensus step size γ in (0, 1]; default per compression: int8 1.0, topk 0.04, randk 0.01",
     )
+    overlap: bool = _cluster(
+        False,
+        "take each iteration's gradient at the node's own x while its gossip rounds run (overlap "
+        "communication with computation; changes the math: docs/compression.md); default: exact DPOSG",
+    )
     # per node
     run_id: str | None = _node(
         None,
@@ -125,6 +130,8 @@ class TrainConfig:
         names = cluster_keys() if include_simulator else compared_keys()
         if self.compression == "none":
             names = tuple(name for name in names if name not in COMPRESSION_KEYS)
+        if not self.overlap:
+            names = tuple(name for name in names if name != "overlap")
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,6 +333,8 @@ def validate(config: TrainConfig) -> None:
             f"wire_dtype: compression {config.compression!r} sends its own codes (and float32 resets); "
             f"leave wire_dtype at float32, not {config.wire_dtype!r}"
         )
+    if config.overlap and config.algorithm == "cposg":
+        raise ConfigError("overlap: cposg averages gradients and does not gossip; leave overlap false")
     if config.compression != "none" and config.algorithm == "cposg":
         raise ConfigError("compression: cposg averages gradients and does not gossip; use compression none")
     _check_choice("device", config.device, DEVICES)

@@ -113,8 +113,10 @@ class VirtualCluster:
         hyper: Hyper,
         wire_dtype: str = "float32",
         compression: CompressedGossip | None = None,
+        overlap: bool = False,
     ) -> None:
         self.algorithm: AlgorithmName = check_algorithm(algorithm)
+        self.overlap = overlap
         self.wire = wire_rounding(wire_dtype)
         self.choco = _compressed(compression, wire_dtype, len(gradient_fns))
         if rounds < 1 and mixes(self.algorithm) and len(gradient_fns) > 1:
@@ -155,11 +157,18 @@ class VirtualCluster:
         return list(mixed.unbind(0))
 
     def step(self) -> None:
-        mixed = self.mixed_points()
-        points = [
-            extrapolate(self.algorithm, s, xm, self.hyper) for s, xm in zip(self.states, mixed, strict=True)
-        ]
-        gradients = [fn(z) for fn, z in zip(self.gradient_fns, points, strict=True)]
+        if self.overlap:
+            # The gradient at the node's own x (extrapolated), taken while its gossip rounds run.
+            points = [extrapolate(self.algorithm, s, s.x, self.hyper) for s in self.states]
+            gradients = [fn(z) for fn, z in zip(self.gradient_fns, points, strict=True)]
+            mixed = self.mixed_points()
+        else:
+            mixed = self.mixed_points()
+            points = [
+                extrapolate(self.algorithm, s, xm, self.hyper)
+                for s, xm in zip(self.states, mixed, strict=True)
+            ]
+            gradients = [fn(z) for fn, z in zip(self.gradient_fns, points, strict=True)]
         if averages_gradients(self.algorithm):
             averaged = mean_canonical(gradients)
             gradients = [averaged] * self.n
@@ -214,8 +223,10 @@ class VectorizedCluster(VirtualCluster):
         hyper: Hyper,
         wire_dtype: str = "float32",
         compression: CompressedGossip | None = None,
+        overlap: bool = False,
     ) -> None:
         self.algorithm = check_algorithm(algorithm)
+        self.overlap = overlap
         self.wire = wire_rounding(wire_dtype)
         self.choco = _compressed(compression, wire_dtype, nodes)
         if nodes < 1:
@@ -325,9 +336,14 @@ class VectorizedCluster(VirtualCluster):
         return matrix
 
     def step(self) -> None:
-        mixed = self._mixed_stack()
-        points = extrapolate(self.algorithm, self.stacked_state, mixed, self.hyper)
-        gradients = self._gradients(points)
+        if self.overlap:
+            gradients = self._gradients(
+                extrapolate(self.algorithm, self.stacked_state, self.stacked_state.x, self.hyper)
+            )
+            mixed = self._mixed_stack()
+        else:
+            mixed = self._mixed_stack()
+            gradients = self._gradients(extrapolate(self.algorithm, self.stacked_state, mixed, self.hyper))
         self.stacked_state = advance(self.algorithm, self.stacked_state, mixed, gradients, self.hyper)
         self.states = self._unstacked()
         self.iteration += 1

@@ -97,6 +97,7 @@ class GossipRounds:
         self.stop_event = stop_event
         self.log = log
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
+        self._pending_announcements: set[asyncio.Future[bool]] = set()
 
     def paced(self) -> bool:
         pace = self.settings.pace
@@ -321,9 +322,17 @@ class GossipRounds:
                     if not ok:
                         edges.undelivered(node_id)
                         del sent[node_id]
-        finally:
+        except BaseException:
             for task in announcements.values():
                 task.cancel()
+            raise
+        # An announcement still in flight is left to finish (it has its own timeout): cancelling it when
+        # our push was quick aborted the call before the neighbour had it, and the neighbour then held
+        # its push to us until the round deadline (10 s stalls on one-peer graphs with t = 2).
+        for task in announcements.values():
+            if not task.done():
+                self._pending_announcements.add(task)
+                task.add_done_callback(self._pending_announcements.discard)
         reachable = [node_id for node_id in live if views.health[node_id].alive]
         # A neighbour that called us stale has left us out: waiting for it would only cost the deadline.
         waited = [node_id for node_id in reachable if node_id not in traffic.behind]

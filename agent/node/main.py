@@ -323,7 +323,10 @@ async def _run_agent(agent) -> int:  # noqa: ANN001 - PeerAgent
 
 def agent_main(argv: Sequence[str]) -> int:
     args = agent_parser().parse_args(argv)
-    configure_logging(json={"auto": None, "json": True, "console": False}[args.log_format])
+    configure_logging(
+        level=os.environ.get("DPGAN_LOG_LEVEL", "info"),
+        json={"auto": None, "json": True, "console": False}[args.log_format],
+    )
     try:
         config = config_from_args(args)
         if args.local is not None:

@@ -120,6 +120,7 @@ def run_simulation(
             hyper_from(config),
             wire_dtype=config.wire_dtype,
             compression=compression_from(config),
+            overlap=config.overlap,
         )
     else:
         cluster = VirtualCluster(
@@ -131,6 +132,7 @@ def run_simulation(
             hyper_from(config),
             wire_dtype=config.wire_dtype,
             compression=compression_from(config),
+            overlap=config.overlap,
         )
     train_seconds = time.perf_counter() - started
     metrics_path = out / "metrics.jsonl"
