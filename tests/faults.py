@@ -484,8 +484,8 @@ def simulate(root: Path, iterations: int, extra: Sequence[str] = ()) -> Path:
     key = (iterations, str(root), tuple(extra))
     if key not in _SIMULATIONS:
         out = root / f"simulated-{iterations}{''.join(extra).replace('-', '')}"
-        argv = [sys.executable, "-m", "agent.cli", "simulate", *CLUSTER_FLAGS, *extra, *iteration_flags(iterations),
-                "--nodes", str(NODES), "--out", str(out)]  # fmt: skip
+        argv = [sys.executable, "-m", "agent.cli", "simulate", *CLUSTER_FLAGS, *extra,
+                *iteration_flags(iterations), "--nodes", str(NODES), "--out", str(out)]  # fmt: skip
         subprocess.run(argv, check=True, cwd=REPO, capture_output=True, timeout=300)
         _SIMULATIONS[key] = out
     return _SIMULATIONS[key]
