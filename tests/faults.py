@@ -507,9 +507,10 @@ def _out_of_step_fault(
     reference: float,
     netns: Any = None,
     extra: Sequence[str] = (),
+    iterations: int = ITERATIONS,
 ) -> Result:
     result = Result(name)
-    flags = [*CLUSTER_FLAGS, *extra, *AGENT_FLAGS, *iteration_flags(ITERATIONS)]
+    flags = [*CLUSTER_FLAGS, *extra, *AGENT_FLAGS, *iteration_flags(iterations)]
     with Cluster(root, flags, netns=netns).start() as cluster:
         trained = cluster.wait_iteration(10, timeout=90)
         time.sleep(WARMUP_S)
@@ -518,7 +519,7 @@ def _out_of_step_fault(
         time.sleep(max(0.0, until - time.time()))
         by_node = cluster.samples()
         before = speed(by_node, fault - BEFORE_WINDOW_S, fault)
-        remaining = ITERATIONS - min(max((s.iteration for s in v), default=0) for v in by_node.values())
+        remaining = iterations - min(max((s.iteration for s in v), default=0) for v in by_node.values())
         # Let a recovered cluster finish (spread of final models); a stuck one is stopped with SIGTERM.
         budget = min(40.0, remaining / max(before, 1.0) + 10.0)
         codes = cluster.wait(budget)
@@ -569,13 +570,14 @@ def scenario_freeze(
     victim: int = 1,
     reference: float | None = None,
     extra: Sequence[str] = (),
+    iterations: int = ITERATIONS,
 ) -> Result:
-    """SIGSTOP one node for ``seconds``, then SIGCONT; ``extra``: more cluster flags (compression)."""
-    reference = undisturbed_spread(root, extra=extra) if reference is None else reference
+    """SIGSTOP one node for ``seconds``, then SIGCONT; ``extra``: more cluster flags (compression), with
+    ``iterations`` in the run (the undisturbed ``reference`` must have run as many)."""
+    reference = undisturbed_spread(root, iterations, extra) if reference is None else reference
     name = " ".join([f"freeze {seconds:.0f} s", *extra])
-    return _out_of_step_fault(
-        name, root / "freeze", lambda c: c.freeze(victim, seconds), reference, extra=extra
-    )
+    inject = lambda c: c.freeze(victim, seconds)  # noqa: E731
+    return _out_of_step_fault(name, root / "freeze", inject, reference, extra=extra, iterations=iterations)
 
 
 def scenario_cut(

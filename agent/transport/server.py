@@ -127,24 +127,19 @@ class _VectorChunks:
 
     Iteration ends after the vector's last chunk: the first one carrying fewer than the header's
     chunk_bytes payload bytes (a sender whose payload fills its last chunk sends one more, empty, chunk).
-    Only the framing is looked at here; VectorAssembler validates everything else. `desync` says why the
-    vector's end cannot be found (a chunk that does not parse, no valid chunk_bytes in a first chunk, a
-    second header, a chunk longer than chunk_bytes, more payload than any vector this node accepts): the
-    chunk is still yielded, so the vector is refused exactly as PushVector would refuse it, and then the
-    stream must end. `closed`: the sender half-closed the stream.
+    Only the framing is looked at here (it is the same for every wire dtype); VectorAssembler validates
+    everything else. `desync` says why the vector's end cannot be found (a chunk that does not parse, no
+    valid chunk_bytes in a first chunk, a second header, a chunk longer than chunk_bytes, or, while the
+    rest of a refused vector is skipped, more payload than any vector this node takes): the chunk is
+    still yielded, so the vector is refused exactly as PushVector would refuse it, and then the stream
+    must end. `closed`: the sender half-closed the stream.
     """
 
-    def __init__(
-        self,
-        first: RawChunk | WireError,
-        source: AsyncIterator[RawChunk | WireError],
-        max_payload_bytes: int,
-    ) -> None:
+    def __init__(self, first: RawChunk | WireError, source: AsyncIterator[RawChunk | WireError]) -> None:
         self._pending: RawChunk | WireError | None = first
         self._source = source
-        self._max_payload_bytes = max_payload_bytes
         self._chunk_bytes: int | None = None
-        self._payload_bytes = 0
+        self.payload_bytes = 0
         self.header_sender = ""
         self.complete = False
         self.closed = False
@@ -189,11 +184,9 @@ class _VectorChunks:
             self.desync = "a second header inside a vector"
             return
         size = len(chunk.data)
-        self._payload_bytes += size
+        self.payload_bytes += size
         if size > self._chunk_bytes:
             self.desync = f"a {size}-byte chunk in a vector of {self._chunk_bytes}-byte chunks"
-        elif self._payload_bytes > self._max_payload_bytes:
-            self.desync = f"more than {self._max_payload_bytes} payload bytes in one vector"
         elif size < self._chunk_bytes:
             self.complete = True
 
@@ -500,13 +493,11 @@ class GossipServer:
         self._push_stream_calls += 1
         self._push_stream_calls_started += 1
         source = aiter(requests)
-        # Payload bound for finding a refused vector's end: no acceptable vector is larger (float32).
-        max_payload_bytes = max(4 * self._vector_length, MAX_CHUNK_BYTES)
         try:
             # Headers at once: the sender waits for them before its first vector (PeerClient._exchange).
             await context.send_initial_metadata(())
             while (first := await self._next_pushed_vector(source)) is not None:
-                vector = _VectorChunks(first, source, max_payload_bytes)
+                vector = _VectorChunks(first, source)
                 result, interrupted = await self._receive_push(vector, peer, authenticated)
                 if not isinstance(result, pb.PushAck):
                     await context.abort(*result)
@@ -552,12 +543,17 @@ class GossipServer:
         """Read and drop the rest of a vector refused before its end (the sender may already have sent it
         all); False when the stream must end. The stall limit applies per chunk, as while receiving."""
         sender = vector.sender(peer, authenticated)
+        # A bound on what is skipped (a peer sending full chunks forever): far more than any wire form
+        # of this node's vector; past it the stream ends instead.
+        limit = 16 * self._vector_length + MAX_CHUNK_BYTES
         try:
-            while True:
+            while vector.payload_bytes <= limit:
                 async with asyncio.timeout(self._stall_timeout):
                     chunk = await anext(vector)
                 if not isinstance(chunk, WireError):
                     self._count_received(sender, chunk.message_bytes)
+            if not vector.complete and vector.desync is None:
+                vector.desync = f"more than {limit} payload bytes in one refused vector"
         except StopAsyncIteration:
             pass
         except TimeoutError:
