@@ -1,8 +1,10 @@
 """DPOSG agents vs centralized baselines on a namespace cluster: time per iteration against link rate.
 
-    sudo python bench/cluster_bench.py          # the default matrix: n 4 and 8, 3 rates, 6 systems (~15 min)
-    sudo python bench/cluster_bench.py --all    # + quality table, agent overhead, docs/ PNG (~1 hour)
+    sudo python bench/cluster_bench.py        # the default matrix: n 4 and 8, 3 rates, 12 systems (~35 min)
+    sudo python bench/cluster_bench.py --all  # + quality table, agent overhead, docs/ PNG (hours on 2 cores)
     sudo python bench/cluster_bench.py --nodes 8 --rates 20 --systems ring ps --iterations 10
+    sudo python bench/cluster_bench.py --nodes 8 --rates 20 --systems one-peer-exp allreduce --repeats 3
+    python bench/cluster_bench.py --replay A/results.json B/results.json --rates 20 100  # tables, merged
 
 Needs root: every node is a network namespace on one Linux bridge (tests/netns.py), its link shaped with
 a token bucket (tbf, both directions) to each rate in ``--rates`` ("none" = the unshaped veth).
@@ -79,6 +81,9 @@ RENDEZVOUS_PORT = 29500
 # Timing runs never reach their iteration goal: the harness stops them once the last window is done.
 ENDLESS = 1_000_000
 POLL_SECONDS = 0.2
+# Consecutive iterations every node must log with all n members, and no round near the round timeout,
+# before the first window.
+SETTLE_ITERATIONS = 3
 STOP_GRACE_SECONDS = 10.0
 MEGABYTE = 1e6
 
@@ -236,6 +241,7 @@ class IterationRecord:
     compute_s: float
     communication_s: float
     bytes_sent: int | None
+    members: int | None = None  # agents: members of the node's view (n once the cluster has formed)
 
 
 def parse_timestamp(text: str) -> float:
@@ -279,6 +285,7 @@ class LogFollower:
                         compute_s=float(event["compute_s"]),
                         communication_s=float(event["communication_s"]),
                         bytes_sent=event.get("bytes_sent"),
+                        members=event.get("members"),
                     )
                 )
 
@@ -502,6 +509,21 @@ class Launch:
             args.startup_timeout,
             "the first iteration",
         )
+        # Under heavy CPU load agents can start in partial views (a liveness probe that timed out drops a
+        # member, rounds then wait a --round-timeout for it). Windows start once the cluster has formed.
+        n = len(self.followers)
+
+        def settled() -> bool:
+            return all(
+                len(follower.records) >= SETTLE_ITERATIONS
+                and all(
+                    record.members in (None, n) and record.communication_s < self.round_timeout / 2
+                    for record in follower.records[-SETTLE_ITERATIONS:]
+                )
+                for follower in self.followers
+            )
+
+        self._wait_until(settled, args.startup_timeout, "every node training with all members")
         windows = []
         counters_start: dict[str, int] = {}
         measurement_started = 0.0
@@ -1120,10 +1142,18 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", type=Path, help="folder for logs and results.json (default runs/cluster_bench/…)"
     )
     parser.add_argument("--quality", action="store_true", help="also run the quality table (slow)")
+    parser.add_argument(
+        "--no-quality-timing", action="store_true",
+        help="with --quality: skip timing the quality model (wall times then come from a timing run of that "
+        "model, e.g. --dataset digits, merged with --replay)",
+    )  # fmt: skip
     parser.add_argument("--quality-nodes", type=int, nargs="+", default=[8])
     parser.add_argument(
         "--quality-systems", nargs="+", choices=list(SYSTEMS),
-        default=["ring", "one-peer-exp", "ring-bf16", "allreduce"],
+        default=[
+            "ring", "one-peer-exp", "one-peer-exp-int8", "one-peer-exp-topk", "one-peer-exp-bf16",
+            "allreduce", "allreduce-fp16",
+        ],
         help="allreduce and ps run the same update (CPOSG): either stands for both",
     )  # fmt: skip
     parser.add_argument(
@@ -1137,7 +1167,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--quality-iterations", type=int, default=8000)
     parser.add_argument("--quality-eval-every", type=int, default=250)
-    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quality-jobs", type=int, default=2, help="quality runs in parallel processes")
     parser.add_argument("--target-modes", type=int, default=8)
     parser.add_argument("--target-high-quality", type=float, default=0.9)
@@ -1151,6 +1181,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="everything for docs/benchmarks.md: the default matrix, --quality, and the plot in docs/",
     )  # fmt: skip
     parser.add_argument("--overhead", action="store_true", help="also run bench/agent_overhead.py")
+    parser.add_argument(
+        "--replay", type=Path, nargs="+", metavar="RESULTS",
+        help="measure nothing: print the tables again from results.json files; quality records and settings "
+        "come from the first, launches of a later file replace those of an earlier one (same system and "
+        "n), e.g. a relaunch of one system's timing; --rates picks the rate columns",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.dataset == "ring8":
         args.width = 256 if args.width is None else args.width
@@ -1200,6 +1236,77 @@ def model_line(results: list[LaunchResult], workload: Workload) -> str:
     return f"# model: {workload.describe()}: {size}"
 
 
+def launch_from_dict(data: dict[str, Any]) -> LaunchResult:
+    result = LaunchResult(**{k: v for k, v in data.items() if k != "windows"})
+    result.windows = [Window(**window) for window in data["windows"]]
+    return result
+
+
+QUALITY_SETTINGS = (
+    "quality_dataset", "quality_iterations", "quality_eval_every", "quality_seeds", "target_fid",
+    "target_modes", "target_high_quality",
+)  # fmt: skip
+
+
+# Plot colours and (short) legend labels of the systems bench/plot.py does not know.
+EXTRA_STYLES = {
+    "one-peer-exp-bf16": ((120, 120, 120), "one-peer exp., bf16 wire"),
+    "one-peer-exp-int8": ((120, 40, 160), "one-peer exp., CHOCO int8"),
+    "one-peer-exp-topk": ((0, 90, 60), "one-peer exp., CHOCO top-k 1 %"),
+    "one-peer-exp-randk": ((150, 110, 0), "one-peer exp., CHOCO rand-k 1 %"),
+    "allreduce-fp16": ((240, 200, 40), "CPOSG all-reduce, fp16 hook"),
+}
+
+
+def draw_plot(results: Path, png: Path) -> None:
+    """bench/plot.py's seconds-per-iteration PNG, with colours and labels for every system here."""
+    import plot  # bench/ is on sys.path when run as a script
+
+    for name, (colour, label) in EXTRA_STYLES.items():
+        plot.COLOURS.setdefault(name, colour)
+        plot.LABELS.setdefault(name, label)
+    # Room for up to six legend rows (twelve systems on one panel).
+    plot.LEGEND_HEIGHT = max(plot.LEGEND_HEIGHT, 200)
+    plot.plot_time_per_iteration(results, png)
+    print(f"plot: {png}")
+
+
+def replay(args: argparse.Namespace) -> int:
+    """The tables of earlier runs, merged (``--replay``)."""
+    documents = [json.loads(path.read_text()) for path in args.replay]
+    for key in QUALITY_SETTINGS:
+        setattr(args, key, documents[0]["arguments"].get(key, getattr(args, key)))
+    merged: dict[str, dict[tuple[str, int], LaunchResult]] = {"results": {}, "quality_timing": {}}
+    quality_model = (args.quality_dataset, documents[0]["arguments"].get("quality_width"))
+    for document in documents:
+        arguments = document["arguments"]
+        # A timing matrix of the quality model (same dataset and width) times the quality runs too.
+        timing_model = (arguments.get("dataset"), arguments.get("width"))
+        parts = [("results", "results"), ("quality_timing", "quality_timing")]
+        if timing_model == quality_model:
+            parts.append(("results", "quality_timing"))
+        for source, part in parts:
+            table = merged[part]
+            for data in document.get(source, []):
+                result = launch_from_dict(data)
+                if not result.error or (result.system, result.nodes) not in table:
+                    table[(result.system, result.nodes)] = result
+    print(f"# replay of {', '.join(map(str, args.replay))}")
+    results, timing = list(merged["results"].values()), list(merged["quality_timing"].values())
+    if results:
+        print_tables(results, args.rates)
+        goal_lines(results)
+    if timing:
+        print("\n## Quality model timing")
+        print_tables(timing, args.rates)
+    records = documents[0].get("quality")
+    if records:
+        quality_table(records, timing, args)
+    if args.plot:
+        draw_plot(args.replay[0], args.plot)
+    return 0
+
+
 def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -1210,6 +1317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     args = parse_arguments(argv)
+    if args.replay:
+        return replay(args)
     reason = netns_unavailable_reason()
     if reason is not None:
         print(f"cluster_bench: {reason} (run with sudo)", file=sys.stderr)
@@ -1252,7 +1361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed = list(
             dict.fromkeys(args.quality_systems + (["ps"] if "allreduce" in args.quality_systems else []))
         )
-        quality_timing += run_matrix(args.quality_nodes, timed, quality_workload, args, out, save)
+        if not args.no_quality_timing:
+            quality_timing += run_matrix(args.quality_nodes, timed, quality_workload, args, out, save)
         document["tables"] += [
             "",
             f"## Quality model timing ({model_line(quality_timing, quality_workload)[2:]})",
@@ -1276,10 +1386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save()
     (out / "tables.md").write_text("\n".join(header + document["tables"]) + "\n")
     if args.plot:
-        from plot import plot_time_per_iteration  # bench/ is on sys.path when run as a script
-
-        plot_time_per_iteration(out / "results.json", args.plot)
-        print(f"plot: {args.plot}")
+        draw_plot(out / "results.json", args.plot)
     print(f"results: {out / 'results.json'}; total {time.time() - started:.0f} s", flush=True)
     return 0
 

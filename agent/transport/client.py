@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
@@ -69,7 +68,8 @@ def _stream_frames(frames: Iterator[bytes], chunk_bytes: int) -> Iterator[tuple[
     for following in frames:
         yield current, False
         current = following
-    if len(parse_chunk(current).data) == chunk_bytes:
+    # A frame shorter than chunk_bytes cannot carry a full chunk; only a longer one needs parsing.
+    if len(current) >= chunk_bytes and len(parse_chunk(current).data) == chunk_bytes:
         yield current, False
         yield b"", True
     else:
@@ -89,16 +89,8 @@ def _stream_chunk_bytes(payload_bytes: int, chunk_bytes: int) -> int:
     return chunk_bytes
 
 
-@dataclass(slots=True)
-class _Sending:
-    """Progress of one vector's writer: `last_issued` once the vector's last frame was handed to gRPC
-    (an ack from then on leaves the stream in step; an earlier one means the rest was never sent)."""
-
-    last_issued: bool = False
-
-
 def _consume_outcome(task: asyncio.Future[object]) -> None:
-    # A cancelled writer/reader's exception is the stream's business (it is dropped); never "unretrieved".
+    # A cancelled ack read's exception is the stream's business (it is dropped); never "unretrieved".
     if not task.cancelled():
         task.exception()
 
@@ -400,42 +392,31 @@ class PeerClient:
         self, call: grpc.aio.StreamStreamCall, frames: Iterator[tuple[bytes, bool]], *, fresh: bool
     ) -> pb.PushAck | None:
         """Send one vector on `call` and read its ack; None when the peer ended the stream without one
-        (it did not take the vector). Writes and the ack read run concurrently: an ack that comes before
-        the whole vector went out (refused from its header) stops the sending, and the stream is dropped,
-        since the peer cannot find the next vector's start in a vector cut short."""
-        sending = _Sending()
+        (it did not take the vector). The ack is read while the vector is written: an ack that comes
+        before the whole vector went out (refused from its header) stops the sending, and the stream is
+        dropped, since the peer cannot find the next vector's start in a vector cut short."""
         reader = asyncio.ensure_future(call.read())
-        writer: asyncio.Future[None] | None = None
         try:
             if fresh:
                 # The peer answers a new stream with its headers at once, or ends it (UNIMPLEMENTED,
                 # RESOURCE_EXHAUSTED). Waiting for that keeps writes from racing such an end: a write on
                 # an ended call fails with a local INTERNAL error that hides the peer's status.
                 await call.initial_metadata()
-                if call.done():
-                    await asyncio.wait({reader})
-            if not reader.done():
-                writer = asyncio.ensure_future(self._write_vector(call, frames, sending))
-            while not reader.done():
-                assert writer is not None
-                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-                if writer.done() and not reader.done():
-                    error = writer.exception()
-                    # AioRpcError/InvalidStateError: the call ended; read() says how (status or EOF).
-                    if error is not None and not isinstance(
-                        error, grpc.aio.AioRpcError | asyncio.InvalidStateError
-                    ):
-                        raise error
-                    await asyncio.wait({reader})
-            response = reader.result()
+            whole = False
+            if not call.done():
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    # These two: the call ended; the read says how (the peer's status, or EOF).
+                    for frame, last in frames:
+                        if reader.done():
+                            break
+                        self._bytes_sent += len(frame)
+                        await call.write(frame)
+                        whole = last
+            response = await reader
             if response is grpc.aio.EOF:
                 self._drop_push_stream()
                 return None
-            if writer is not None and sending.last_issued:
-                # The ack may overtake the completion of the last write; the stream stays in step.
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    await writer
-            if writer is None or not sending.last_issued or writer.exception() is not None:
+            if not whole:
                 self._drop_push_stream()
             ack: pb.PushAck = response
             return ack
@@ -444,20 +425,9 @@ class PeerClient:
             self._drop_push_stream()
             raise
         finally:
-            for task in (writer, reader):
-                if task is None:
-                    continue
-                if not task.done():
-                    task.cancel()
-                task.add_done_callback(_consume_outcome)
-
-    async def _write_vector(
-        self, call: grpc.aio.StreamStreamCall, frames: Iterator[tuple[bytes, bool]], sending: _Sending
-    ) -> None:
-        for frame, last in frames:
-            sending.last_issued = last
-            self._bytes_sent += len(frame)
-            await call.write(frame)
+            if not reader.done():
+                reader.cancel()
+            reader.add_done_callback(_consume_outcome)
 
     async def announce(
         self, *, iteration: int, round: int, epoch: int | None = None, timeout: float | None = None
