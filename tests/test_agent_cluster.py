@@ -102,6 +102,10 @@ def test_agents_with_compressed_gossip_reproduce_the_simulator_bit_for_bit(
     compressed = Compressor(compression, 0.01).payload_bytes(parameters)
     assert sent < 1.1 * (resets * 4 * parameters + (pushes - resets) * compressed) + 2000 * pushes
     assert sent < 0.35 * pushes * 4 * parameters  # float32 gossip would send 4 bytes per parameter
+    # Every exchange is symmetric: what a node read is what its neighbours sent it (counted once each,
+    # even when a neighbour's push arrives before this node encodes its own).
+    received = summary["bytes_received"]
+    assert abs(received - sent) <= 0.02 * sent, (received, sent)
 
 
 @pytest.mark.timeout(90)

@@ -14,6 +14,7 @@ from agent.core.compression import CompressionError, Compressor, compress, decom
 from agent.core.config import ConfigError, build_config
 from agent.core.engine import CompressedGossip, VirtualCluster, gossip
 from agent.core.topology import make_schedule
+from agent.transport import codecs
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.frames import (
     ExpectedVector,
@@ -84,6 +85,14 @@ def test_compressor_settings_are_checked() -> None:
         ({"compression": "int8", "consensus_step": 0}, "consensus_step: must be in (0, 1]"),
         ({"compression": "int8", "wire_dtype": "bfloat16"}, "wire_dtype: compression 'int8'"),
         ({"compression": "int8", "algorithm": "cposg"}, "cposg averages gradients"),
+        (
+            {"compression": "int8", "compression_ratio": 0.1},
+            "compression_ratio: applies only to compression topk",
+        ),
+        (
+            {"consensus_step": 0.5},
+            "consensus_step: applies only with compression int8, topk or randk, not none",
+        ),
     ],
 )
 def test_configuration_errors_name_the_key(values: dict, message: str) -> None:
@@ -170,6 +179,9 @@ def test_malformed_compressed_pushes_are_refused_naming_the_problem() -> None:
     raw[0:4] = bytes.fromhex("0000c07f")  # a NaN scale
     error = refused(tampered(wire, payload=bytes(raw)))
     assert error.kind is WireErrorKind.COMPRESSION and "NaN or inf" in str(error)
+    raw = bytearray(wire.payload)
+    raw[0:4] = bytes.fromhex("000080bf")  # scale -1.0: a scale is max|v| / 127
+    assert "must not be negative" in str(refused(tampered(wire, payload=bytes(raw))))
     raw = bytearray(wire.payload)
     raw[-1] = 0x80  # int8 -128 is never produced
     assert "[-127, 127]" in str(refused(tampered(wire, payload=bytes(raw))))
@@ -293,3 +305,41 @@ def test_the_simulator_trains_with_each_compressor() -> None:
     with pytest.raises(ValueError, match="consensus_step"):
         CompressedGossip(Compressor("int8"), 0.0)
     assert math.isfinite(float(exact.sum()))
+
+
+def test_a_receiver_refuses_gossip_of_another_kind() -> None:
+    """An agent passes its run's kind of gossip to the server (ExpectedVector.gossip): another compressor,
+    another ratio or block, a plain vector in a compressed run and a compressed one in a plain run are
+    refused as malformed, naming the difference; a float32 reset is of every compressed kind."""
+    length = 1000
+    int8_run = codecs.GossipKind(Compressor("int8"))
+    topk_run = codecs.GossipKind(Compressor("topk", 0.01))
+    plain_run = codecs.GossipKind(None)
+
+    def decode(wire, gossip):
+        chunks = iter_chunks(wire, sender_id="a", iteration=1, round=0, chunk_bytes=65536)
+        return decode_vector(chunks, ExpectedVector(element_count=length, gossip=gossip))
+
+    def refusal(wire, gossip) -> str:
+        with pytest.raises(WireError) as error:
+            decode(wire, gossip)
+        assert error.value.kind is WireErrorKind.COMPRESSION
+        return str(error.value)
+
+    randk, _ = edge_wire("randk", length)
+    int8, _ = edge_wire("int8", length)
+    topk, _ = edge_wire("topk", length)
+    reset = prepare_edge_message(EdgeCopies(Compressor("int8")).outgoing("b", torch.ones(length)))
+    plain = prepare_vector(torch.ones(length))
+    assert "gossips int8-compressed differences, not randk" in refusal(randk, int8_run)
+    assert "gossips int8-compressed differences, not plain vectors" in refusal(plain, int8_run)
+    assert "gossips plain vectors" in refusal(int8, plain_run)
+    assert "gossips plain vectors" in refusal(reset, plain_run)
+    assert "compression_ratio 0.05 keeps 50 of 1000" in refusal(
+        topk, codecs.GossipKind(Compressor("topk", 0.05))
+    )
+    assert "int8 block 256 differs from this run's 128" in refusal(
+        int8, codecs.GossipKind(Compressor("int8", block=128))
+    )
+    assert decode(int8, int8_run).edge is not None and decode(topk, topk_run).edge is not None
+    assert decode(reset, topk_run).edge.reset and decode(plain, plain_run).edge is None

@@ -28,6 +28,7 @@ import torch
 COMPRESSORS: Final = ("int8", "topk", "randk")
 INT8_BLOCK: Final = 256  # elements per int8 scale: 4 bytes of scale per 256 bytes of values (1.6 %)
 INT8_LEVELS: Final = 127
+DEFAULT_RATIO: Final = 0.01  # topk/randk: the configuration key compression_ratio's default
 
 
 class CompressionError(ValueError):
@@ -43,7 +44,7 @@ class Compressor:
     """
 
     kind: str
-    ratio: float = 0.01
+    ratio: float = DEFAULT_RATIO
     block: int = INT8_BLOCK
 
     def __post_init__(self) -> None:

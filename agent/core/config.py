@@ -91,7 +91,9 @@ class TrainConfig:
         "none",
         f"compressed gossip with error feedback (CHOCO): {', '.join(COMPRESSIONS)}; none = exact DPOSG",
     )
-    compression_ratio: float = _cluster(0.01, "fraction of entries topk/randk send per round, in (0, 1]")
+    compression_ratio: float | None = _cluster(
+        None, "fraction of entries topk/randk send per round, in (0, 1]; default 0.01"
+    )
     consensus_step: float | None = _cluster(
         None,
         "CHOCO consensus step size γ in (0, 1]; default per compression: int8 1.0, topk 0.04, randk 0.01",
@@ -324,8 +326,15 @@ def validate(config: TrainConfig) -> None:
     _check_choice("topology", config.topology, TOPOLOGY_NAMES)
     _check_choice("wire_dtype", config.wire_dtype, WIRE_DTYPES)
     _check_choice("compression", config.compression, COMPRESSIONS)
-    if not 0.0 < config.compression_ratio <= 1.0:
-        raise ConfigError(f"compression_ratio: must be in (0, 1], got {config.compression_ratio!r}")
+    ratio = config.compression_ratio
+    if ratio is not None and not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
+        raise ConfigError(f"compression_ratio: must be in (0, 1], got {ratio!r}")
+    if ratio is not None and config.compression not in ("topk", "randk"):
+        raise ConfigError(
+            f"compression_ratio: applies only to compression topk or randk, not {config.compression!r}"
+        )
+    if config.consensus_step is not None and config.compression == "none":
+        raise ConfigError("consensus_step: applies only with compression int8, topk or randk, not none")
     if config.consensus_step is not None and not 0.0 < config.consensus_step <= 1.0:
         raise ConfigError(f"consensus_step: must be in (0, 1], got {config.consensus_step!r}")
     if config.compression != "none" and config.wire_dtype != "float32":

@@ -72,6 +72,7 @@ from agent.train.data import load_dataset, partition
 from agent.train.simulate import compression_from, hyper_from, node_checkpoint
 from agent.train.workload import GanProblem, NodeOperator, resolve_device
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
+from agent.transport.codecs import GossipKind
 from agent.transport.identity import PeerIdentity
 from agent.transport.inbox import Inbox
 from agent.transport.positions import PeerPositions
@@ -128,6 +129,7 @@ class PeerAgent:
         )
         self.inbox = Inbox(rounds_per_iteration=config.rounds, ahead_window=AHEAD_ITERATIONS * config.rounds)
         self.positions = PeerPositions()
+        compression = compression_from(config)
         self.server = GossipServer(
             identity=self.identity,
             inbox=self.inbox,
@@ -141,6 +143,7 @@ class PeerAgent:
             positions=self.positions,
             stall_timeout=options.round_timeout,
             security=options.security,
+            gossip=GossipKind(compression.compressor if compression is not None else None),
         )
         self.hyper = hyper_from(config)
         self.state: NodeState | None = None
@@ -187,7 +190,7 @@ class PeerAgent:
                 chunk_bytes=options.chunk_bytes,
                 round_timeout=options.round_timeout,
                 pace=options.pace,
-                compression=compression_from(config),
+                compression=compression,
             ),
             views=self.views,
             registry=self.registry,

@@ -98,6 +98,7 @@ class GossipRounds:
         self.log = log
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
         self._pending_announcements: set[asyncio.Future[bool]] = set()
+        self._received_cursor = server.bytes_received
 
     def paced(self) -> bool:
         pace = self.settings.pace
@@ -322,7 +323,6 @@ class GossipRounds:
                 prepared = await self.in_compute(edges.outgoing, x, live, views.index, round_index, view)
                 wires = {node_id: wire for node_id, (_, wire) in prepared.items()}
                 sent = {node_id: message for node_id, (message, _) in prepared.items()}
-            received_before = self.server.bytes_received
             # A push in flight finishes; a paced push still waiting for its neighbour is skipped once the
             # agreed stop is reached (_paced_wait).
             delivered = await asyncio.gather(
@@ -355,7 +355,11 @@ class GossipRounds:
         messages = await self._collect(iteration, round_, waited)
         if messages is None:
             return None
-        traffic.bytes_received += self.server.bytes_received - received_before
+        # Everything the server read since the last round (a neighbour's push may arrive before we
+        # even encode ours): each byte is counted once, in the round that read it.
+        received = self.server.bytes_received
+        traffic.bytes_received += received - self._received_cursor
+        self._received_cursor = received
         messages = self._of_this_gossip(messages)
         arrived = {view.index(n): m.epoch for n, m in messages.items()}
         schedule_row = row

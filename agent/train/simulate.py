@@ -24,7 +24,7 @@ import torch
 from agent.checkpoint import Checkpoint, save_checkpoint
 from agent.core.algorithms import Hyper, NodeState, check_finite
 from agent.core.choco import consensus_step_size
-from agent.core.compression import Compressor
+from agent.core.compression import DEFAULT_RATIO, Compressor
 from agent.core.config import TrainConfig
 from agent.core.engine import CompressedGossip, VectorizedCluster, VirtualCluster
 from agent.core.topology import MixingSchedule, make_schedule
@@ -47,7 +47,7 @@ def compression_from(config: TrainConfig) -> CompressedGossip | None:
     if config.compression == "none":
         return None
     return CompressedGossip(
-        Compressor(config.compression, ratio=config.compression_ratio),
+        Compressor(config.compression, ratio=config.compression_ratio or DEFAULT_RATIO),
         consensus_step_size(config.compression, config.consensus_step),
         seed=config.seed,
     )

@@ -9,12 +9,20 @@ the problem. Payloads are raw little-endian (the transport refuses big-endian ho
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Final
 
 import torch
 
 from agent.core.choco import EdgeMessage
-from agent.core.compression import INT8_BLOCK, Compressed, CompressionError, decompress, randk_indices
+from agent.core.compression import (
+    INT8_BLOCK,
+    Compressed,
+    CompressionError,
+    Compressor,
+    decompress,
+    randk_indices,
+)
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 
 # Wire dtype name -> proto enum, for compressed payloads (float32 resets use the plain FLOAT32 dtype).
@@ -25,6 +33,40 @@ COMPRESSED_DTYPES: Final = {
 }
 _KINDS_BY_PROTO: Final = {value: kind for kind, value in COMPRESSED_DTYPES.items()}
 MAX_INT8_BLOCK: Final = 1 << 20
+
+
+@dataclass(frozen=True)
+class GossipKind:
+    """What a receiver's run gossips, for refusing pushes of another kind (``ExpectedVector.gossip``).
+
+    ``compressor`` None: plain vectors (no edge header). Otherwise compressed differences of exactly this
+    compressor (its kind, and its kept count or int8 block for the receiver's vector length), plus float32
+    resets."""
+
+    compressor: Compressor | None = None
+
+    def refusal(self, dtype: int, edge: pb.EdgeCopy | None, length: int) -> str | None:
+        """Why a push with this dtype and edge header is not of this run's gossip; None if it is."""
+        compressor = self.compressor
+        if compressor is None:
+            if edge is not None or is_compressed(dtype):
+                return "this run gossips plain vectors (compression none); a compressed push is not accepted"
+            return None
+        if edge is None:
+            return f"this run gossips {compressor.kind}-compressed differences, not plain vectors"
+        if edge.reset or not is_compressed(dtype):
+            return None  # a reset: the frames layer insists on float32
+        kind = _KINDS_BY_PROTO[dtype]
+        if kind != compressor.kind:
+            return f"this run gossips {compressor.kind}-compressed differences, not {kind}"
+        if kind == "int8" and edge.block != compressor.block:
+            return f"int8 block {edge.block} differs from this run's {compressor.block}"
+        if kind != "int8" and edge.kept != compressor.kept(length):
+            return (
+                f"{kind} keeps {edge.kept} entries; this run's compression_ratio {compressor.ratio:g} keeps "
+                f"{compressor.kept(length)} of {length}"
+            )
+        return None
 
 
 class CodecError(ValueError):
@@ -94,6 +136,8 @@ def unpack(dtype: int, length: int, edge: pb.EdgeCopy, payload: torch.Tensor) ->
         blocks = math.ceil(length / edge.block)
         scales = payload[: 4 * blocks].view(torch.float32)
         _require_finite(scales, "int8 scales")
+        if bool((scales < 0).any()):
+            raise CodecError("int8 scales must not be negative (a scale is max|v| / 127)")
         values = payload[4 * blocks :].view(torch.int8)
         if bool((values == -128).any()):
             raise CodecError("int8 values must be in [-127, 127]; found -128")
@@ -132,6 +176,7 @@ __all__ = [
     "COMPRESSED_DTYPES",
     "INT8_BLOCK",
     "CodecError",
+    "GossipKind",
     "decode_dense",
     "edge_header",
     "is_compressed",

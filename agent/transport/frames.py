@@ -477,6 +477,9 @@ class ExpectedVector:
     sender_id: str | None = None
     named: bool = False
     allowed_dtypes: frozenset[str] = frozenset(WIRE_DTYPE_NAMES) | frozenset(codecs.COMPRESSED_DTYPES)
+    # Pushes: the receiving run's kind of gossip (plain vectors, or one compressor's differences and
+    # float32 resets); a push of another kind is refused. None: any kind (decoding tools, tests).
+    gossip: codecs.GossipKind | None = None
     device: torch.device | str = "cpu"
 
     def __post_init__(self) -> None:
@@ -681,6 +684,11 @@ class VectorAssembler:
             )
         self._check_position(Position(header.iteration, header.round))
         self._check_count_and_shape(header, spec)
+        if expected.gossip is not None:
+            edge = header.edge if header.HasField("edge") else None
+            refusal = expected.gossip.refusal(header.dtype, edge, header.element_count)
+            if refusal is not None:
+                raise WireError(WireErrorKind.COMPRESSION, refusal)
 
         self._header = header
         self._spec = spec

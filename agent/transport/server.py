@@ -40,6 +40,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
+from agent.transport.codecs import GossipKind
 from agent.transport.frames import (
     ExpectedVector,
     Position,
@@ -250,12 +251,15 @@ class GossipServer:
         max_push_streams: int = MAX_PUSH_STREAMS,
         max_connection_idle_s: float = SERVER_MAX_CONNECTION_IDLE_MS / 1000,
         security: TransportSecurity | None = None,
+        gossip: GossipKind | None = None,
     ) -> None:
         """`stall_timeout`: seconds without a chunk before a PushVector stream (or without progress
         before a FetchState send) is aborted; pass the agent's round timeout. `max_push_streams*`:
         concurrent PushVector streams per sender and in total. `max_connection_idle_s`: a connection
         with no RPC for this long is closed (grpc.max_connection_idle_ms). `security`: mutual TLS and
-        the allowlist (agent/transport/tls.py); None serves plaintext and trusts claimed node ids."""
+        the allowlist (agent/transport/tls.py); None serves plaintext and trusts claimed node ids.
+        `gossip`: the run's kind of gossip (plain or one compressor's); pushes of another kind are refused
+        as malformed. None accepts any kind (tests of the transport alone)."""
         if vector_length < 0:
             raise ValueError(f"vector_length must be >= 0, got {vector_length}")
         if not 0 <= port <= 65535:
@@ -265,6 +269,7 @@ class GossipServer:
         self._inbox = inbox
         self._positions = positions
         self._vector_length = vector_length
+        self._gossip = gossip
         self._handshake_policy = handshake_policy or default_handshake_policy(identity)
         self._state_provider = state_provider
         self._status_provider = status_provider
@@ -746,6 +751,7 @@ class GossipServer:
                             # own view when it mixes (views change at boundaries, not at handshakes).
                             membership_epoch=None,
                             device=self._device,
+                            gossip=self._gossip,
                         )
                     )
                     assembler.add(chunk)
