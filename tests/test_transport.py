@@ -704,6 +704,20 @@ def test_inbox_expect_discards_older_and_keeps_buffered_ahead() -> None:
     run(scenario)
 
 
+def test_inbox_enter_moves_back_for_a_node_resynchronising_to_a_majority_behind_it() -> None:
+    """A node left out by its members trains on alone (inbox at 59) and resynchronises to the majority's
+    boundary 40: entering there drops the abandoned positions (it once crashed: "cannot move backwards")."""
+    inbox = Inbox(rounds_per_iteration=1, ahead_window=2, start=(59, 0))
+    inbox.put(message("a", 59, 0))
+    inbox.put(message("b", 60, 0))
+    inbox.enter(40, 0)
+    assert inbox.position == Position(40, 0) and inbox.buffered_count == 0
+    assert inbox.put(message("a", 40, 0)) is PutOutcome.ACCEPTED
+    assert inbox.put(message("a", 59, 0)) is PutOutcome.TOO_FAR_AHEAD
+    inbox.enter(41, 0)  # forward, like expect
+    assert inbox.position == Position(41, 0) and inbox.put(message("a", 40, 0)) is PutOutcome.STALE
+
+
 def test_inbox_wait_for_returns_early_when_all_arrived() -> None:
     async def scenario() -> None:
         inbox = Inbox(rounds_per_iteration=1)

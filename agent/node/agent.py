@@ -69,6 +69,7 @@ from agent.node.stopping import StopCoordinator
 from agent.node.telemetry import MetricsEndpoint
 from agent.node.views import ViewController
 from agent.train.data import load_dataset, partition
+from agent.train.evaluate import Evaluator
 from agent.train.simulate import compression_from, hyper_from, node_checkpoint
 from agent.train.workload import GanProblem, NodeOperator, resolve_device
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
@@ -426,7 +427,11 @@ class PeerAgent:
 
     async def train(self) -> dict[str, Any]:
         """Train until the run ends or stops, entering again after pauses and resynchronisations."""
-        recorder = self.recorder = RunRecorder(self)
+        # Off the event loop: building the evaluator trains the FID classifier for image data sets, and
+        # a loop blocked for seconds right after the handshakes failed the neighbours' probes (digits
+        # agents were left out at start-up and never formed their cluster).
+        evaluator = await self.in_compute(Evaluator, self.dataset, self.config.eval_samples, self.config.seed)
+        recorder = self.recorder = RunRecorder(self, evaluator)
         outcome = Outcome("stopped")
         resync: str | None = None
         while True:

@@ -172,7 +172,7 @@ class ClusterEntry:
         self.agent.iteration = start
         self.agent.ready_from = start
         self.agent.boundary_state = (start, self.agent.state)  # type: ignore[assignment]
-        self.agent.inbox.expect(start, 0)
+        self.agent.inbox.enter(start, 0)
 
     async def _join(self, source_id: str, *, resync: bool, at: int | None = None) -> None:
         """Enter a running cluster at a future boundary with a member's parameters and optimizer state
@@ -185,7 +185,7 @@ class ClusterEntry:
             # Catching up: the founders started at ``at`` counting this node; their state there is served
             # at once. If they moved on before we fetched, fall back to joining ahead of them.
             self.agent.ready_from = at
-            self.agent.inbox.expect(at, 0)
+            self.agent.inbox.enter(at, 0)
             await self.agent.registry.broadcast()
             client = self.agent.registry.clients.get(source_id)
             if client is None:
@@ -232,7 +232,7 @@ class ClusterEntry:
                     "nothing to join"
                 )
             self.agent.ready_from = boundary
-            self.agent.inbox.expect(boundary, 0)
+            self.agent.inbox.enter(boundary, 0)
             await self.agent.registry.broadcast()  # tell every member now, not at its next probe
             self.agent.log.info(
                 "resynchronising" if resync else "joining running cluster",

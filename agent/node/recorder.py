@@ -57,11 +57,13 @@ def previous_wall_seconds(metrics: Path) -> float:
 class RunRecorder:
     """Progress lines, periodic checkpoints, evaluations (metrics.jsonl) and the summary of one run."""
 
-    def __init__(self, agent: PeerAgent) -> None:
+    def __init__(self, agent: PeerAgent, evaluator: Evaluator) -> None:
+        """``evaluator``: built on the compute thread (``build_evaluator``): for labelled images it trains
+        the FID classifier, seconds of CPU during which the event loop must keep answering peers."""
         self.agent = agent
         config = agent.config
         assert config.iterations is not None and config.eval_every is not None
-        self.evaluator = Evaluator(agent.dataset, config.eval_samples, config.seed)
+        self.evaluator = evaluator
         self.metrics_path = agent.options.out / "metrics.jsonl"
         if not (agent.options.resume and self.metrics_path.exists()):
             self.metrics_path.write_text("")

@@ -143,6 +143,23 @@ class Inbox:
         for listener in self._advance_listeners:
             listener(target)
 
+    def enter(self, iteration: int, round: int) -> None:
+        """Move to (iteration, round) when the agent (re-)enters a run, backwards if need be.
+
+        A node that trained on while its members had left it out can resynchronise to a majority behind
+        it: everything buffered or taken belongs to the abandoned positions and is dropped. Forward this is
+        ``expect``."""
+        target = self._validated(iteration, round)
+        if target >= self._position:
+            self.expect(iteration, round)
+            return
+        self._position = target
+        self._vectors.clear()
+        self._taken.clear()
+        self._wake_waiters()
+        for listener in self._advance_listeners:
+            listener(target)
+
     def classify(self, sender_id: str, iteration: int, round: int) -> PutOutcome:
         """What put() would do with a message at this position, without storing anything.
 
