@@ -45,7 +45,8 @@ def test_cpu_check_passes_end_to_end_and_notices_a_mismatch(tmp_path: Path, monk
     out = tmp_path / "check"
     done = _run("--device", "cpu", "--out", str(out), "--timing-iterations", "10")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith("PASS: 2 agents vs simulator on cpu")
+    assert done.stdout.startswith("PASS: 2 agents vs simulator (exact, topk+overlap) on cpu")
+    assert (out / "agents-topk-overlap" / "node-1" / "final.safetensors").exists()
     assert "| ring8 |" in done.stdout and "| digits |" in done.stdout
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["passed"] and result["device"] == "cpu" and result["torch"] == torch.__version__

@@ -70,7 +70,10 @@ def test_the_simulator_reports_progress_between_evaluations(tmp_path: Path, monk
         )
         argv = ["simulate", "--dataset", "ring8", "--nodes", "2", "--iterations", "6", "--eval-every", "6",
                 "--eval-samples", "200", "--out", str(tmp_path / "out")]  # fmt: skip
-        assert main(argv) == 0
+        try:
+            assert main(argv) == 0
+        finally:
+            configure_logging()  # later tests must not log into this file once it is closed
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     progress = [line for line in lines if line["event"] == "progress"]
     assert [line["iteration"] for line in progress] == [1, 2, 3, 4, 5, 6]

@@ -34,10 +34,8 @@ from agent.checkpoint import Checkpoint, save_checkpoint, save_series
 from agent.core.algorithms import (
     AlgorithmName,
     NodeState,
-    advance,
     check_algorithm,
     check_finite,
-    extrapolate,
     local_iteration,
     mixes,
 )
@@ -61,6 +59,7 @@ from agent.node.options import (
     StopRequested,
     describe_security,
 )
+from agent.node.overlap import OverlappedIterations
 from agent.node.peers import CandidateSource, PeerRegistry
 from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_summary
 from agent.node.runs import prepare_run_folder
@@ -172,16 +171,9 @@ class PeerAgent:
             initializer=_init_compute_thread,
             initargs=(config.threads,),
         )
-        # overlap: each iteration's gradient runs here while the compute thread encodes and mixes.
-        self.gradient_thread = (
-            ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix=f"dpgan-gradient-{options.node_id}",
-                initializer=_init_compute_thread,
-                initargs=(config.threads,),
-            )
-            if config.overlap
-            else None
+        # overlap: each iteration's gradient on its own thread while the compute thread encodes and mixes.
+        self.overlapped = (
+            OverlappedIterations(self, _init_compute_thread, config.threads) if config.overlap else None
         )
         self.gossip = GossipRounds(
             config,
@@ -323,8 +315,8 @@ class PeerAgent:
             traffic.iterations = await self.in_compute(self._local_steps, self._steps_until_event())
             traffic.compute_seconds = time.perf_counter() - compute_started
             return traffic
-        if self.gradient_thread is not None:
-            return await self._iterate_overlapped(iteration, traffic)
+        if self.overlapped is not None:
+            return await self.overlapped.iterate(iteration, traffic)
         x: torch.Tensor | None = self.state.x
         started = time.perf_counter()
         for round_ in range(self.config.rounds):
@@ -338,41 +330,6 @@ class PeerAgent:
             local_iteration, self.algorithm, self.state, x, self.operator, self.hyper
         )
         traffic.compute_seconds = time.perf_counter() - compute_started
-        return traffic
-
-    def _gradient_at_own_point(self, state: NodeState) -> tuple[torch.Tensor, float]:
-        assert self.operator is not None
-        started = time.perf_counter()
-        gradient = self.operator(extrapolate(self.algorithm, state, state.x, self.hyper))
-        return gradient, time.perf_counter() - started
-
-    async def _iterate_overlapped(self, iteration: int, traffic: Traffic) -> Traffic | None:
-        """``overlap``: the gradient at the node's own (extrapolated) x runs on its own thread while the
-        gossip rounds of x run; then x = x̃ − η·g (``VirtualCluster.step`` with overlap, bit for bit)."""
-        assert self.state is not None and self.gradient_thread is not None
-        state = self.state
-        stream_before = self.stream.get_state()
-        loop = asyncio.get_running_loop()
-        gradient = loop.run_in_executor(self.gradient_thread, self._gradient_at_own_point, state)
-        started = time.perf_counter()
-        x: torch.Tensor | None = state.x
-        try:
-            for round_ in range(self.config.rounds):
-                assert x is not None
-                x = await self.gossip.round(x, iteration, round_, traffic)
-                if x is None:
-                    break
-        finally:
-            g, compute_seconds = await gradient
-        traffic.communication_seconds = time.perf_counter() - started
-        if x is None:
-            # Abandoned at the agreed stop: the state before this iteration is kept, and so is the data
-            # stream (the gradient drew a minibatch a resumed run must draw again).
-            self.stream.set_state(stream_before)
-            return None
-        compute_started = time.perf_counter()
-        self.state = await self.in_compute(advance, self.algorithm, state, x, g, self.hyper)
-        traffic.compute_seconds = compute_seconds + time.perf_counter() - compute_started
         return traffic
 
     def _at_boundary(self) -> Outcome | None:
@@ -530,5 +487,5 @@ class PeerAgent:
         if self.metrics is not None:
             self.metrics.close()
         self.compute.shutdown(wait=True)
-        if self.gradient_thread is not None:
-            self.gradient_thread.shutdown(wait=True)
+        if self.overlapped is not None:
+            self.overlapped.close()
