@@ -15,6 +15,7 @@ import pytest
 import structlog
 import torch
 
+import agent.transport.client as client_module
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
 from agent.transport.client import PUSH_STREAM_METHOD, PeerClient, PeerUnavailable, _stream_chunk_bytes
@@ -27,6 +28,12 @@ from tests.pki import Pki
 from tests.test_transport import bits, gossip_node, identity
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def _push_streams_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents push over PushVector by default (client.PUSH_STREAM_DEFAULT); these tests are of PushStream."""
+    monkeypatch.setattr(client_module, "PUSH_STREAM_DEFAULT", True)
 
 CHUNK = MIN_CHUNK_BYTES  # 64 KiB: multi-chunk vectors stay small
 STALL = 0.4

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Final, Self
@@ -50,6 +51,11 @@ _UNAVAILABLE_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 PUSH_STREAM_METHOD: Final = f"/{GOSSIP_SERVICE_NAME}/PushStream"
+# Agents push over PushVector calls unless DPGAN_PUSH_STREAM=1: with long-lived PushStreams from its
+# neighbours, an agent flooded by stalled pushes kept 11-25 MiB more RSS after a second wave than after the
+# first (tests/faults.py stalled streams; -0.6 to -0.1 MiB with PushVector), and the stream did not reach
+# its throughput goal (docs/transport.md). Servers always accept both.
+PUSH_STREAM_DEFAULT: bool = os.environ.get("DPGAN_PUSH_STREAM", "0") == "1"
 # A reused PushStream failing with these lost its connection (peer restarted, connection renewed) or was
 # ended by the peer (idle) before or while this vector went out, and no ack came: the vector is sent once
 # more on a fresh stream. INTERNAL: grpc.aio's local error for a write on a call the peer has just ended.
@@ -140,11 +146,12 @@ class PeerClient:
         default_timeout: float = DEFAULT_RPC_TIMEOUT_S,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
         security: TransportSecurity | None = None,
-        push_stream: bool = True,
+        push_stream: bool | None = None,
     ) -> None:
         """`stall_timeout`: a FetchState download that delivers no chunk for this long is aborted
         (pass the agent's round timeout). `security`: mutual TLS (agent/transport/tls.py); None dials
-        plaintext. `push_stream`: False sends every vector as its own PushVector call (benchmarks)."""
+        plaintext. `push_stream`: True sends vectors over one long-lived PushStream, False each as its own
+        PushVector call; None: `PUSH_STREAM_DEFAULT` (off unless DPGAN_PUSH_STREAM=1, see below)."""
         if not address or ":" not in address:
             raise ValueError(f"peer address must be host:port, got {address!r}")
         self._address = address
@@ -179,7 +186,7 @@ class PeerClient:
             request_serializer=None,
             response_deserializer=pb.PushAck.FromString,
         )
-        self._use_push_stream = push_stream
+        self._use_push_stream = PUSH_STREAM_DEFAULT if push_stream is None else push_stream
         self._push_stream: grpc.aio.StreamStreamCall | None = None
         self._push_stream_opened = 0.0
         self._push_stream_lock = asyncio.Lock()  # one vector in flight per stream
