@@ -275,22 +275,6 @@ class GossipRounds:
             arrived |= got
             pending -= got.keys()
 
-    def _of_this_gossip(self, messages: dict[str, InboxMessage]) -> dict[str, InboxMessage]:
-        """The messages of this run's kind of gossip: compressed ones (an edge header) with compression,
-        plain vectors without. A peer sending the other kind is not mixed (as if it had not delivered);
-        agents of one run share the configuration, so only a faulty or hostile member does that."""
-        compressed = self.edges is not None
-        kept = {n: m for n, m in messages.items() if (m.edge is not None) == compressed}
-        for node_id in messages.keys() - kept.keys():
-            if (node_id, "gossip kind") not in self.views.mismatch_logged:
-                self.views.mismatch_logged.add((node_id, "gossip kind"))
-                self.log.warning(
-                    "neighbour sent the other kind of gossip; not mixing it",
-                    neighbour=node_id,
-                    expected="compressed" if compressed else "plain vectors",
-                )
-        return kept
-
     async def round(
         self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
     ) -> torch.Tensor | None:
@@ -360,7 +344,6 @@ class GossipRounds:
         received = self.server.bytes_received
         traffic.bytes_received += received - self._received_cursor
         self._received_cursor = received
-        messages = self._of_this_gossip(messages)
         arrived = {view.index(n): m.epoch for n, m in messages.items()}
         schedule_row = row
         row, missing, other_view = row_for_round(row, views.index, arrived, view.epoch)

@@ -69,7 +69,7 @@ class ViewController:
         self.left_out_counts: Counter[str] = Counter()
         self.instances: dict[str, str] = {}  # incarnation of each member when the view was formed
         self.isolation = Isolation()
-        self.mismatch_logged: set[tuple[str, int | str]] = set()  # (node, epoch or what) logged once
+        self.mismatch_logged: set[tuple[str, int]] = set()
 
     # ---- the view ------------------------------------------------------------------------------------
 

@@ -588,40 +588,17 @@ class VectorAssembler:
                 f"checksum mismatch: header says crc32={header.checksum:#010x}, "
                 f"payload has crc32={self._crc:#010x}",
             )
-        # The buffer is private to this stream, so the wire tensor can alias it without a copy.
         if self._compressed:
             try:
-                dense = codecs.decode_dense(header.dtype, header.element_count, header.edge, buffer)
+                vector = codecs.decode_dense(header.dtype, header.element_count, header.edge, buffer)
             except codecs.CodecError as error:
                 raise WireError(
                     WireErrorKind.COMPRESSION, f"compressed {spec.name} payload: {error}"
                 ) from None
-            self._buffer = None
-            self._buffer_view = None
-            return DecodedVector(
-                sender_id=header.sender_id,
-                iteration=header.iteration,
-                round=header.round,
-                membership_epoch=header.membership_epoch,
-                wire_dtype=spec.name,
-                vector=dense.to(self._expected.device),
-                edge=header.edge,
-            )
-        wire_tensor = buffer.view(spec.torch_dtype)
-        if spec.torch_dtype == torch.float32:
-            vector = wire_tensor
         else:
-            # Widened into recycled memory too: a fresh float32 tensor would page-fault like the buffer.
-            vector = RECEIVE_BUFFERS.take(wire_tensor.numel() * 4).view(torch.float32)
-            vector.copy_(wire_tensor)
-        if not self._sums_finite and not all_finite(vector):
-            non_finite = int((~torch.isfinite(vector)).sum())
-            raise WireError(
-                WireErrorKind.NON_FINITE,
-                f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
-            )
-        if self._expected.named:
-            vector = vector.reshape(tuple(header.shape))
+            vector = self._widened(buffer.view(spec.torch_dtype))
+            if self._expected.named:
+                vector = vector.reshape(tuple(header.shape))
         vector = vector.to(self._expected.device)
         # Release our references so the decoded tensor is the only owner of the memory.
         self._buffer = None
@@ -637,6 +614,23 @@ class VectorAssembler:
             name=header.name,
             edge=header.edge if header.HasField("edge") else None,
         )
+
+    def _widened(self, wire_tensor: torch.Tensor) -> torch.Tensor:
+        """The float32 vector of a plain payload, checked finite (the chunk sums settle most of it)."""
+        # The buffer is private to this stream, so the wire tensor can alias it without a copy.
+        if wire_tensor.dtype == torch.float32:
+            vector = wire_tensor
+        else:
+            # Widened into recycled memory too: a fresh float32 tensor would page-fault like the buffer.
+            vector = RECEIVE_BUFFERS.take(wire_tensor.numel() * 4).view(torch.float32)
+            vector.copy_(wire_tensor)
+        if not self._sums_finite and not all_finite(vector):
+            non_finite = int((~torch.isfinite(vector)).sum())
+            raise WireError(
+                WireErrorKind.NON_FINITE,
+                f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
+            )
+        return vector
 
     def release(self) -> None:
         """Drop the receive buffer of an unfinished stream now (an aborted push or state download).
