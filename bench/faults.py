@@ -191,9 +191,9 @@ after ≥ {faults.SPEED_FRACTION:.0%} of before, spread ≤ {faults.SPREAD_FACTO
 node mixes within {faults.REJOIN_BOUND_S:.0f} s of its start; staggered stops leave one checkpoint iteration
 and `--resume` equals the uninterrupted run (≤ {faults.BIT_FOR_BIT_TOLERANCE:g}); a stalled stream is dropped
 within {faults.STALL_DROP_BOUND_S:.0f} s, and {faults.WAVES} waves of stalled streams add
-≤ {faults.PINNED_BOUND_KIB // 1024} MiB of RSS in all, the second ≤ {faults.WAVE_GROWTH_BOUND_KIB // 1024} MiB
-to the first; no "Traceback" in any agent.log; every round that leaves a neighbour out is explained by a
-log line naming it.
+≤ {faults.PINNED_BOUND_KIB // 1024} MiB of RSS in all, each after the first
+≤ {faults.WAVE_GROWTH_BOUND_KIB // 1024} MiB on average; no "Traceback" in any agent.log; every round that
+leaves a neighbour out is explained by a log line naming it.
 
 ## How each figure is measured
 - **recovery**: from the heal (SIGCONT, link up) to the first "iteration" event after which every node's
@@ -207,9 +207,10 @@ log line naming it.
   same for an undisturbed run (the simulator, which 4 undisturbed agents reproduce bit for bit). A run that
   has not finished 40 s after the observation window is stopped with SIGTERM and the stop checkpoints
   are compared instead ("models=checkpoint at stop").
-- **memory pinned**: agent VmRSS after two waves of stalled streams (each held 8 s) minus VmRSS before
-  (glibc keeps freed memory for reuse, so RSS does not fall back; what matters is that the second wave
-  adds nothing).
+- **memory pinned**: agent VmRSS after three waves of stalled streams (each held 8 s) minus VmRSS before,
+  each the median of 9 readings 0.25 s apart (glibc keeps freed memory for reuse, so RSS does not fall
+  back; what matters is that later waves add little: **growth per wave** is (after the last wave − after
+  the first) / 2; keeping a wave's payloads would add 38.5 MiB).
 
 ## Trials
 {chr(10).join(details + skipped_lines)}

@@ -52,9 +52,9 @@ _UNAVAILABLE_CODES: Final = frozenset(
 )
 PUSH_STREAM_METHOD: Final = f"/{GOSSIP_SERVICE_NAME}/PushStream"
 # Agents push over PushVector calls unless DPGAN_PUSH_STREAM=1: with long-lived PushStreams from its
-# neighbours, an agent flooded by stalled pushes kept 11-25 MiB more RSS after a second wave than after the
-# first (tests/faults.py stalled streams; -0.6 to -0.1 MiB with PushVector), and the stream did not reach
-# its throughput goal (docs/transport.md). Servers always accept both.
+# neighbours, an agent flooded by stalled pushes grew by up to 15 MiB per wave of 150 (tests/faults.py
+# stalled streams, settled RSS; 0.4-2.9 MiB with PushVector), and the stream did not reach its throughput
+# goal (docs/transport.md). Servers always accept both.
 PUSH_STREAM_DEFAULT: bool = os.environ.get("DPGAN_PUSH_STREAM", "0") == "1"
 # A reused PushStream failing with these lost its connection (peer restarted, connection renewed) or was
 # ended by the peer (idle) before or while this vector went out, and no ack came: the vector is sent once
