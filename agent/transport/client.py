@@ -40,6 +40,7 @@ from agent.transport.options import (
 from agent.transport.protocol import FETCH_STATE_METHOD, GOSSIP_SERVICE_NAME, PUSH_VECTOR_METHOD
 from agent.transport.state import StateSnapshot, StateStreamDecoder
 from agent.transport.tls import TransportSecurity
+from agent.transport.watchdog import StallWatchdog
 
 DEFAULT_RPC_TIMEOUT_S: Final = 10.0
 # A late joiner downloads parameters plus optimizer state; 4 GiB covers any model this agent targets
@@ -485,11 +486,10 @@ class PeerClient:
         )
         request = pb.StateRequest(requester_id=identity.node_id, names=names, chunk_bytes=chunk_bytes)
         call = self._fetch_state(request, timeout=self._timeout(timeout))
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(loop.time() + stall) as watchdog:
+            async with StallWatchdog(stall) as watchdog:
                 async for frame in call:
-                    watchdog.reschedule(loop.time() + stall)
+                    watchdog.fed()
                     self._bytes_received += len(frame)
                     decoder.add(parse_chunk(frame))
         except grpc.aio.AioRpcError as error:

@@ -66,6 +66,7 @@ from agent.transport.positions import PeerPositions
 from agent.transport.protocol import GOSSIP_SERVICE_NAME, PROTOCOL_VERSION
 from agent.transport.state import StateSnapshot, encode_state
 from agent.transport.tls import TransportSecurity, caller_identity, claim_refusal
+from agent.transport.watchdog import StallWatchdog
 
 HandshakePolicy = Callable[[pb.HandshakeRequest], tuple[bool, str]]
 StateProvider = Callable[[], StateSnapshot | Awaitable[StateSnapshot]]
@@ -95,14 +96,14 @@ class _StreamAborted(Exception):
 class _PushStream:
     """One PushVector stream being received, and the watchdog that aborts it.
 
-    `deadline` is the asyncio.timeout around the stream's reads: pushed forward by every chunk
+    `deadline` is the stall watchdog around the stream's reads: pushed forward by every chunk
     (`fed`), or pulled to now by `abort` (the inbox moved past `position`), which cancels the pending
     read; the handler then answers with `aborted`'s reason.
     """
 
     peer: str
     stall_timeout: float
-    deadline: asyncio.Timeout | None = None
+    deadline: StallWatchdog | None = None
     sender: str | None = None  # header's sender_id, once it is counted against the per-peer cap
     position: Position | None = None
     received_bytes: int = 0
@@ -110,17 +111,14 @@ class _PushStream:
 
     def fed(self) -> None:
         if self.deadline is not None and self.aborted is None:
-            self.deadline.reschedule(asyncio.get_running_loop().time() + self.stall_timeout)
+            self.deadline.fed()
 
     def abort(self, kind: str, reason: str) -> None:
         if self.aborted is not None:
             return
         self.aborted = (kind, reason)
-        deadline = self.deadline
-        if deadline is not None and not deadline.expired():
-            # RuntimeError: the stream's read block already ended; it checks `aborted` itself.
-            with contextlib.suppress(RuntimeError):
-                deadline.reschedule(asyncio.get_running_loop().time())
+        if self.deadline is not None:
+            self.deadline.expire_now()  # the stream's read block checks `aborted` itself once it ends
 
 
 class _VectorChunks:
@@ -535,7 +533,7 @@ class GossipServer:
 
     async def _send_ack(self, context: grpc.aio.ServicerContext, peer: str, ack: pb.PushAck) -> None:
         try:
-            async with asyncio.timeout(self._stall_timeout):
+            async with StallWatchdog(self._stall_timeout):
                 await context.write(ack)
         except TimeoutError:
             reason = f"PushStream stalled: {peer!r} read no ack for {self._stall_timeout:g} s"
@@ -553,7 +551,7 @@ class GossipServer:
         limit = 16 * self._vector_length + MAX_CHUNK_BYTES
         try:
             while vector.payload_bytes <= limit:
-                async with asyncio.timeout(self._stall_timeout):
+                async with StallWatchdog(self._stall_timeout):
                     chunk = await anext(vector)
                 if not isinstance(chunk, WireError):
                     self._count_received(sender, chunk.message_bytes)
@@ -604,7 +602,7 @@ class GossipServer:
         sent = 0
         async for frame in self._handle_fetch_state(request, context):
             try:
-                async with asyncio.timeout(self._stall_timeout):
+                async with StallWatchdog(self._stall_timeout):
                     await context.write(frame)
             except TimeoutError:
                 reason = (
@@ -693,9 +691,8 @@ class GossipServer:
         another sender is refused before any payload is read."""
         sender = stream.peer  # replaced by the header's sender_id once known; used for accounting and logs
         assembler: VectorAssembler | None = None
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(loop.time() + self._stall_timeout) as deadline:
+            async with StallWatchdog(self._stall_timeout) as deadline:
                 stream.deadline = deadline
                 async for chunk in chunks:
                     if stream.aborted is not None:
@@ -767,7 +764,7 @@ class GossipServer:
                 if stream.aborted is not None:
                     raise _StreamAborted
                 # Reading is over: an abort from here on would cancel nothing.
-                deadline.reschedule(None)
+                deadline.disarm()
                 stream.deadline = None
             if assembler is None:
                 raise WireError(WireErrorKind.MISSING_HEADER, "push stream carried no chunks")
