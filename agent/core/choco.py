@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agent.core.compression import Compressed, Compressor, compress, decompress
+from agent.core.compression import Compressed, Compressor, compress_with_dense
 
 # γ used when the configuration leaves consensus_step unset (measured on ring8 with 8 nodes, one-peer
 # exponential, docs/compression.md): int8 is nearly exact, top-k/random-k at 1 % need a small step.
@@ -95,10 +95,9 @@ class EdgeCopies:
             # A private copy (the caller may reuse x's memory); the message carries x itself.
             self.sent[neighbour] = EdgeCopy(x.detach().to("cpu", copy=True), 0)
             return EdgeMessage(reset=True, base=0, seen=seen, dense=x)
-        compressed = compress(x.detach().to("cpu") - copy.vector, self.compressor, seed)
-        dense = decompress(compressed)
+        compressed, dense = compress_with_dense(x.detach().to("cpu") - copy.vector, self.compressor, seed)
         base = copy.seq
-        copy.vector = copy.vector + dense
+        copy.vector.add_(dense)  # the copy is private to this table (a reset stores a copy of x)
         copy.seq += 1
         return EdgeMessage(reset=False, base=base, seen=seen, dense=dense, compressed=compressed)
 
@@ -118,7 +117,7 @@ class EdgeCopies:
             if copy is None or copy.seq != received.base:
                 self.received.pop(neighbour, None)
             else:
-                copy.vector = copy.vector + received.dense.to("cpu")
+                copy.vector.add_(received.dense.to("cpu"))
                 copy.seq += 1
         if own is None or neighbour not in self.sent:
             return False

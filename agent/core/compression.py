@@ -105,6 +105,15 @@ def compress(vector: torch.Tensor, compressor: Compressor, seed: int = 0) -> Com
     """Q(vector) for a flat float32 ``vector`` (any device; the result lives on the CPU).
 
     ``seed`` picks ``randk``'s indices (both ends derive them from it); other kinds ignore it."""
+    return compress_with_dense(vector, compressor, seed)[0]
+
+
+def compress_with_dense(
+    vector: torch.Tensor, compressor: Compressor, seed: int = 0
+) -> tuple[Compressed, torch.Tensor]:
+    """(Q(vector), decompress(Q(vector))) in one pass: the sender of a compressed difference needs both
+    (its copy of what the receiver holds advances by the dense form). Bit-identical to calling
+    ``compress`` then ``decompress``; the dense vector is float32 (d,) on the CPU."""
     if vector.dim() != 1 or vector.dtype != torch.float32:
         raise CompressionError(
             f"compress takes a flat float32 vector, got {vector.dtype} {tuple(vector.shape)}"
@@ -112,22 +121,42 @@ def compress(vector: torch.Tensor, compressor: Compressor, seed: int = 0) -> Com
     flat = vector.detach().to("cpu")
     length = flat.numel()
     if compressor.kind == "int8":
-        block = compressor.block
-        blocks = math.ceil(length / block)
-        padded = torch.zeros(blocks * block, dtype=torch.float32)
-        padded[:length] = flat
-        shaped = padded.view(blocks, block)
-        scales = shaped.abs().amax(dim=1) / INT8_LEVELS
-        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-        levels = torch.round(shaped / divisor[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
-        values = levels.to(torch.int8).reshape(-1)[:length].clone()
-        return Compressed("int8", length, values, scales=scales, block=block)
+        return _int8(flat, compressor.block)
     kept = compressor.kept(length)
     if compressor.kind == "topk":
         indices = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
-        return Compressed("topk", length, flat[indices].clone(), indices=indices)
-    indices = randk_indices(length, kept, seed)
-    return Compressed("randk", length, flat[indices].clone(), seed=seed)
+        message = Compressed("topk", length, flat[indices].clone(), indices=indices)
+    else:
+        indices = randk_indices(length, kept, seed)
+        message = Compressed("randk", length, flat[indices].clone(), seed=seed)
+    dense = torch.zeros(length, dtype=torch.float32)
+    dense[indices] = message.values
+    return message, dense
+
+
+def _int8(flat: torch.Tensor, block: int) -> tuple[Compressed, torch.Tensor]:
+    """int8 blocks of ``flat``: the whole blocks as one (blocks, block) view, the short last block apart
+    (no padded copy of the vector). Levels are round(v / s), s = max|v_b| / 127 (s = 0: levels 0)."""
+    length = flat.numel()
+    whole = length // block
+    parts = [flat[: whole * block].view(whole, block)] if whole else []
+    if length > whole * block:
+        parts.append(flat[whole * block :].view(1, -1))
+    values = torch.empty(length, dtype=torch.int8)
+    dense = torch.empty(length, dtype=torch.float32)
+    scales = []
+    start = 0
+    for shaped in parts:
+        size = shaped.numel()
+        scale = shaped.abs().amax(dim=1).div_(INT8_LEVELS)
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+        levels = torch.div(shaped, divisor[:, None]).round_().clamp_(-INT8_LEVELS, INT8_LEVELS)
+        values[start : start + size].copy_(levels.view(-1))
+        torch.mul(levels, scale[:, None], out=dense[start : start + size].view_as(levels))
+        scales.append(scale)
+        start += size
+    joined = scales[0] if len(scales) == 1 else torch.cat(scales)
+    return Compressed("int8", length, values, scales=joined, block=block), dense
 
 
 def decompress(message: Compressed) -> torch.Tensor:
@@ -136,10 +165,17 @@ def decompress(message: Compressed) -> torch.Tensor:
     if message.kind == "int8":
         assert message.scales is not None
         block = message.block
-        blocks = message.scales.numel()
-        padded = torch.zeros(blocks * block, dtype=torch.float32)
-        padded[:length] = message.values.to(torch.float32)
-        return (padded.view(blocks, block) * message.scales[:, None]).reshape(-1)[:length].clone()
+        whole = length // block
+        dense = torch.empty(length, dtype=torch.float32)
+        if whole:
+            torch.mul(
+                message.values[: whole * block].view(whole, block).to(torch.float32),
+                message.scales[:whole, None],
+                out=dense[: whole * block].view(whole, block),
+            )
+        if length > whole * block:
+            dense[whole * block :] = message.values[whole * block :].to(torch.float32) * message.scales[whole]
+        return dense
     dense = torch.zeros(length, dtype=torch.float32)
     if message.kind == "topk":
         assert message.indices is not None
