@@ -8,10 +8,12 @@ arrived meanwhile. The fault suite caught exactly that: a node frozen mid-receiv
 complete 268 KB push as "stalled", left the neighbour out of its last round before an agreed stop, and
 its stopped checkpoint no longer equalled the uninterrupted run.
 
-``StallWatchdog`` fires like ``asyncio.timeout`` but checks how late its timer ran: a timer that runs more
-than ``FROZEN_SLACK_SECONDS`` after it was due means this process was not running, so the peer gets one
-whole ``limit`` again, counted from the thaw. The agent's gossip rounds make the same judgement for
-their own deadlines (``agent.node.gossip``).
+``StallWatchdog`` counts the peer's silence in slices of a quarter of the limit, as the gossip rounds
+count their deadlines. A slice that took more than twice its length (the process was frozen, or its loop
+blocked) counts nothing the first time after the peer's last progress, and one slice's length after
+that. So the first freeze, of any length, costs the peer nothing and the chunks that arrived meanwhile
+are read before the limit can run out; yet a peer that stays silent is dropped after about the limit of
+running time, however often this process is frozen and thawed in between.
 """
 
 from __future__ import annotations
@@ -21,37 +23,43 @@ import contextlib
 from types import TracebackType
 from typing import Final
 
-# A timer that runs this much after it was due was not run because the process was stopped (or its loop
-# blocked that long), not because the peer was silent.
+# A call that took this much longer than its timeout means this process was frozen meanwhile (the gossip
+# rounds' judgement for their pushes, agent.node.gossip).
 FROZEN_SLACK_SECONDS: Final = 1.0
+SLICES_PER_LIMIT: Final = 4
 
 
 class StallWatchdog:
-    """``async with StallWatchdog(limit):`` raises TimeoutError in the enclosed block after ``limit``
-    seconds without ``fed()`` (seconds of this process running, to ``FROZEN_SLACK_SECONDS``).
+    """``async with StallWatchdog(limit):`` raises TimeoutError in the enclosed block once the peer has been
+    silent (no ``fed()``) for ``limit`` seconds of this process running, counted in slices of
+    ``limit / SLICES_PER_LIMIT``, each counting at most its own length (the first late one since the
+    last progress: nothing); it fires within one slice after.
 
-    ``fed()``: the peer made progress; the limit counts from now. ``expire_now()``: end the block now
+    ``fed()``: the peer made progress; the silence starts again. ``expire_now()``: end the block now
     (TimeoutError), e.g. when what arrives has become useless. ``disarm()``: no limit any more.
-    ``thaws``: how many times a late timer gave the peer a new window.
-    Raises ValueError for a ``limit`` that is not > 0.
+    ``late_slices``: slices that took longer than twice their length (frozen or blocked).
+    Raises ValueError for a ``limit`` that is not a finite number > 0.
     """
 
-    def __init__(self, limit: float, slack: float = FROZEN_SLACK_SECONDS) -> None:
-        if not limit > 0:  # also rejects NaN
-            raise ValueError(f"stall limit must be > 0 seconds, got {limit}")
+    def __init__(self, limit: float) -> None:
+        if not 0 < limit < float("inf"):  # also rejects NaN
+            raise ValueError(f"stall limit must be a finite number of seconds > 0, got {limit}")
         self.limit = float(limit)
-        self.slack = float(slack)
-        self.thaws = 0
+        self.slice = self.limit / SLICES_PER_LIMIT
+        self.late_slices = 0
         self._timeout = asyncio.timeout(None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0
+        self._silent = 0.0  # seconds of silence counted so far
+        self._checked = 0.0  # loop time of the last slice's end
+        self._fed_at: float | None = None  # loop time of the last fed() since then
+        self._grace = True  # the next late slice counts nothing (reset by progress)
 
     async def __aenter__(self) -> StallWatchdog:
         self._loop = asyncio.get_running_loop()
         await self._timeout.__aenter__()
-        self._due = self._loop.time() + self.limit
-        self._handle = self._loop.call_at(self._due, self._check)
+        self._checked = self._loop.time()
+        self._handle = self._loop.call_at(self._checked + self.slice, self._check)
         return self
 
     async def __aexit__(
@@ -64,8 +72,9 @@ class StallWatchdog:
         return await self._timeout.__aexit__(exc_type, exc, traceback)
 
     def fed(self) -> None:
-        if self._loop is not None and self._handle is not None:
-            self._due = self._loop.time() + self.limit  # the timer re-arms itself when it runs early
+        if self._loop is not None:
+            self._fed_at = self._loop.time()
+            self._grace = True
 
     def expire_now(self) -> None:
         self._cancel_timer()
@@ -92,15 +101,20 @@ class StallWatchdog:
         assert loop is not None
         self._handle = None
         now = loop.time()
-        if self._due - now > 1e-3:  # fed since it was armed (or run early by the clock's resolution)
-            self._handle = loop.call_at(self._due, self._check)
+        elapsed = now - self._checked
+        late = elapsed > 2 * self.slice
+        self.late_slices += late
+        if self._fed_at is not None:
+            # Fed during this slice: only the time since then is silence (at most one slice).
+            self._silent = 0.0 if late else min(now - self._fed_at, self.slice)
+            self._fed_at = None
+        elif late and self._grace:
+            self._grace = False  # the first freeze since the peer's last progress is not its fault
+        else:
+            self._silent += min(elapsed, self.slice)
+        self._checked = now
+        if self._silent >= self.limit - 1e-9:
+            with contextlib.suppress(RuntimeError):
+                self._timeout.reschedule(now)
             return
-        if now - self._due > self.slack:
-            # This timer ran long after it was due: the process was frozen (or its loop blocked), so
-            # whatever the peer sent meanwhile has not been read yet. A whole limit again, from now.
-            self.thaws += 1
-            self._due = now + self.limit
-            self._handle = loop.call_at(self._due, self._check)
-            return
-        with contextlib.suppress(RuntimeError):
-            self._timeout.reschedule(now)
+        self._handle = loop.call_at(now + self.slice, self._check)
