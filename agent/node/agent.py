@@ -23,7 +23,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ from agent.node.peers import CandidateSource, PeerRegistry
 from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_summary
 from agent.node.runs import prepare_run_folder
 from agent.node.state import snapshot_of
-from agent.node.stopping import StopCoordinator
+from agent.node.stopping import StopCoordinator, hand_over_stop
 from agent.node.telemetry import MetricsEndpoint
 from agent.node.views import ViewController
 from agent.train.data import load_dataset, partition
@@ -427,7 +427,24 @@ class PeerAgent:
             except StopRequested:
                 break
             self.log.info("peers answer again; re-entering", iteration=self.iteration)
-        return await recorder.finish(outcome)
+        summary = await recorder.finish(outcome)  # the stop checkpoint is safe before the hand-over
+        if self.stop.stop_at is not None and self.stop.reached.is_set():
+            await self._hand_over_stop(self.stop.stop_at)
+        return summary
+
+    async def _hand_over_stop(self, stop_at: int) -> None:
+        registry = self.registry
+
+        def reported(node_id: str) -> int:
+            status = registry.remote_status.get(node_id)
+            return status.stop_at_iteration if status is not None else 0
+
+        def tell(node_id: str) -> Awaitable[Any]:
+            record = registry.records.get(node_id)
+            return registry.handshake(record.address) if record is not None else asyncio.sleep(0)
+
+        members = [n for n in self.views.view.node_ids if n != self.options.node_id]
+        await hand_over_stop(stop_at, members, reported, tell, self.options.stop_grace, self.log)
 
     async def run(self) -> dict[str, Any]:
         self.options.out.mkdir(parents=True, exist_ok=True)
