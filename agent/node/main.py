@@ -125,7 +125,8 @@ def agent_parser() -> argparse.ArgumentParser:
         "--stop-grace",
         type=float,
         default=10.0,
-        help="while a stop is being agreed, seconds to wait for a silent member before leaving it out",
+        help="while a stop is being agreed, seconds to wait for a silent member before leaving it out; "
+        "after stopping, seconds to wait until every member confirmed the stop",
     )
     parser.add_argument(
         "--pace",
