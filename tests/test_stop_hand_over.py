@@ -17,17 +17,20 @@ log = structlog.get_logger("test")
 class Members:
     """Fake members: ``confirms_after[m]`` handshakes until member m reports the stop (None: never)."""
 
-    def __init__(self, confirms_after: dict[str, int | None], stop_at: int) -> None:
-        self.confirms_after, self.stop_at = confirms_after, stop_at
+    def __init__(
+        self, confirms_after: dict[str, int | None], stop_at: int, gone: frozenset[str] = frozenset()
+    ) -> None:
+        self.confirms_after, self.stop_at, self.gone = confirms_after, stop_at, gone
         self.told: dict[str, int] = dict.fromkeys(confirms_after, 0)
 
     def reported(self, member: str) -> int:
         needed = self.confirms_after[member]
         return self.stop_at if needed is not None and self.told[member] >= needed else 0
 
-    async def tell(self, member: str) -> None:
+    async def tell(self, member: str) -> bool:
         await asyncio.sleep(0.01)
         self.told[member] += 1
+        return member in self.gone
 
 
 def test_returns_once_every_member_confirms_and_tells_only_the_missing() -> None:
@@ -68,3 +71,20 @@ def test_a_member_reporting_another_stop_is_not_confirmed() -> None:
         return await hand_over_stop(80, ["a"], members.reported, members.tell, 0.3, log)
 
     assert asyncio.run(scenario()) == ["a"]
+
+
+def test_a_member_whose_port_refuses_is_gone_and_not_waited_for() -> None:
+    """An exited member (connection refused) cannot learn the stop any more; a frozen one (handshakes
+    time out) can, when it thaws: only the latter is waited for."""
+    members = Members({"exited": None, "frozen": 4}, stop_at=50, gone=frozenset({"exited"}))
+
+    async def scenario() -> tuple[list[str], float]:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        missing = await hand_over_stop(50, ["exited", "frozen"], members.reported, members.tell, 10.0, log)
+        return missing, loop.time() - began
+
+    missing, waited = asyncio.run(scenario())
+    assert missing == []
+    assert waited < 2.0
+    assert members.told["exited"] == 1 and members.told["frozen"] == 4

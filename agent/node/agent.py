@@ -23,7 +23,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -439,9 +439,13 @@ class PeerAgent:
             status = registry.remote_status.get(node_id)
             return status.stop_at_iteration if status is not None else 0
 
-        def tell(node_id: str) -> Awaitable[Any]:
+        async def tell(node_id: str) -> bool:
+            """Handshake the member; True when it is gone (no address, or its port refuses)."""
             record = registry.records.get(node_id)
-            return registry.handshake(record.address) if record is not None else asyncio.sleep(0)
+            if record is None:
+                return True
+            answered = await registry.handshake(record.address)
+            return answered is None and registry.failures.get(record.address) == "connection refused"
 
         members = [n for n in self.views.view.node_ids if n != self.options.node_id]
         await hand_over_stop(stop_at, members, reported, tell, self.options.stop_grace, self.log)

@@ -68,32 +68,39 @@ async def hand_over_stop(
     stop_at: int,
     members: Sequence[str],
     reported: Callable[[str], int],
-    tell: Callable[[str], Awaitable[Any]],
+    tell: Callable[[str], Awaitable[bool]],
     grace: float,
     log: Any,
 ) -> list[str]:
     """After stopping at ``stop_at``: until every one of ``members`` (the view, this node excluded)
-    ``reported`` that stop position (0: none), ``tell`` the others (a handshake carries this node's
-    status, stop included, and brings back theirs), for up to ``grace`` seconds. Returns the members that
-    never confirmed; logs them."""
+    ``reported`` that stop position (0: none) or is gone, ``tell`` the others (a handshake carries this
+    node's status, stop included, and brings back theirs; it answers True when nothing listens at the
+    member's address any more — a frozen process still accepts connections, an exited one refuses them),
+    for up to ``grace`` seconds. Returns the members that never confirmed and are not known gone."""
     loop = asyncio.get_running_loop()
     began = loop.time()
     deadline = began + grace
+    gone: set[str] = set()
     while True:
-        missing = [member for member in members if reported(member) != stop_at]
+        missing = [member for member in members if member not in gone and reported(member) != stop_at]
         remaining = deadline - loop.time()
         if not missing or remaining <= 0:
             break
         # Not cancelled at the deadline: a handshake attempt may be shared with the registry's own.
-        attempts = [asyncio.ensure_future(tell(member)) for member in missing]
-        await asyncio.wait(attempts, timeout=remaining)
-        for attempt in attempts:
-            if attempt.done() and not attempt.cancelled():
-                attempt.exception()  # retrieved: a failed handshake is the registry's to log
+        attempts = {member: asyncio.ensure_future(tell(member)) for member in missing}
+        await asyncio.wait(attempts.values(), timeout=remaining)
+        for member, attempt in attempts.items():
+            if (
+                attempt.done()
+                and not attempt.cancelled()
+                and attempt.exception() is None
+                and attempt.result()
+            ):
+                gone.add(member)
         await asyncio.sleep(min(HAND_OVER_POLL_SECONDS, max(0.0, deadline - loop.time())))
     waited = round(loop.time() - began, 2)
     if missing:
         log.warning("stop not confirmed by every member", stop_at=stop_at, missing=missing, waited_s=waited)
-    elif waited > 1.0:
-        log.info("stop confirmed by every member", stop_at=stop_at, waited_s=waited)
+    elif waited > 1.0 or gone:
+        log.info("stop handed over", stop_at=stop_at, gone=sorted(gone), waited_s=waited)
     return missing
