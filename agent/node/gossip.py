@@ -29,11 +29,10 @@ from agent.transport.inbox import Inbox, InboxMessage
 from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer
 
-# A call that took FROZEN_SLACK_SECONDS longer than its timeout means this process was frozen meanwhile
-# (the same judgement as the server's stall watchdog).
-from agent.transport.watchdog import FROZEN_SLACK_SECONDS
-
 PUSH_RETRY_SECONDS = 0.01
+# A call that took this much longer than its timeout means this process was frozen meanwhile (the
+# server's stall limits make the same allowance: agent/transport/watchdog.py).
+FROZEN_SLACK_SECONDS = 1.0
 # Granularity of the round deadline (see GossipRounds._collect).
 WAIT_SLICE_SECONDS = 0.1
 # How long a neighbour that missed a deadline has to answer a status probe (a live agent's event loop

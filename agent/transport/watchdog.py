@@ -23,9 +23,6 @@ import contextlib
 from types import TracebackType
 from typing import Final
 
-# A call that took this much longer than its timeout means this process was frozen meanwhile (the gossip
-# rounds' judgement for their pushes, agent.node.gossip).
-FROZEN_SLACK_SECONDS: Final = 1.0
 SLICES_PER_LIMIT: Final = 4
 
 
