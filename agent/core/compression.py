@@ -129,9 +129,14 @@ def compress_with_dense(
     else:
         indices = randk_indices(length, kept, seed)
         message = Compressed("randk", length, flat[indices].clone(), seed=seed)
+    return message, _scattered(length, indices, message.values)
+
+
+def _scattered(length: int, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Dense float32 (length,): ``values`` at ``indices``, zero elsewhere (top-k and random-k)."""
     dense = torch.zeros(length, dtype=torch.float32)
-    dense[indices] = message.values
-    return message, dense
+    dense[indices] = values
+    return dense
 
 
 def _int8(flat: torch.Tensor, block: int) -> tuple[Compressed, torch.Tensor]:
@@ -176,13 +181,10 @@ def decompress(message: Compressed) -> torch.Tensor:
         if length > whole * block:
             dense[whole * block :] = message.values[whole * block :].to(torch.float32) * message.scales[whole]
         return dense
-    dense = torch.zeros(length, dtype=torch.float32)
     if message.kind == "topk":
         assert message.indices is not None
-        dense[message.indices] = message.values
-        return dense
-    dense[randk_indices(length, message.values.numel(), message.seed)] = message.values
-    return dense
+        return _scattered(length, message.indices, message.values)
+    return _scattered(length, randk_indices(length, message.values.numel(), message.seed), message.values)
 
 
 def randk_seed(seed: int, round_index: int, sender: int) -> int:

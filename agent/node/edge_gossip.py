@@ -31,7 +31,6 @@ class EdgeGossip:
         self.settings = settings
         self.copies = EdgeCopies(settings.compressor)
         self._epoch: int | None = None
-        self.resets_sent = 0
 
     def outgoing(
         self, x: torch.Tensor, neighbours: Sequence[str], own_index: int, round_index: int, view: Membership
@@ -45,7 +44,6 @@ class EdgeGossip:
         prepared = {}
         for node_id in neighbours:
             message = self.copies.outgoing(node_id, x, seed)
-            self.resets_sent += message.reset
             prepared[node_id] = (message, prepare_edge_message(message))
         return prepared
 

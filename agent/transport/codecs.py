@@ -15,14 +15,7 @@ from typing import Final
 import torch
 
 from agent.core.choco import EdgeMessage
-from agent.core.compression import (
-    INT8_BLOCK,
-    Compressed,
-    CompressionError,
-    Compressor,
-    decompress,
-    randk_indices,
-)
+from agent.core.compression import Compressed, CompressionError, Compressor, decompress
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 
 # Wire dtype name -> proto enum, for compressed payloads (float32 resets use the plain FLOAT32 dtype).
@@ -174,7 +167,6 @@ def _require_finite(values: torch.Tensor, what: str) -> None:
 
 __all__ = [
     "COMPRESSED_DTYPES",
-    "INT8_BLOCK",
     "CodecError",
     "GossipKind",
     "decode_dense",
@@ -182,6 +174,5 @@ __all__ = [
     "is_compressed",
     "pack",
     "payload_bytes",
-    "randk_indices",
     "unpack",
 ]
