@@ -81,6 +81,11 @@ async def server_process() -> AsyncIterator[tuple[str, int]]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        # glibc capped at two malloc arenas, as dpgan-agent runs (agent/allocator.py); with its default
+        # (8 per core) the gRPC threads' arenas kept up to 21 MB of a churn's chunks, one run in ~10.
+        # The agent's raised mmap/trim thresholds are left out: they keep freed memory on purpose, which
+        # this RSS bound would read as growth.
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
     )
     assert child.stdin is not None and child.stdout is not None
     stdout = child.stdout
@@ -109,6 +114,15 @@ async def server_process() -> AsyncIterator[tuple[str, int]]:
 def process_rss(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def settled_rss(pid: int, samples: int = 9, interval_s: float = 0.1) -> int:
+    """The median of ``samples`` RSS readings: single readings swing with what gRPC's threads hold."""
+    readings = []
+    for _ in range(samples):
+        readings.append(process_rss(pid))
+        await asyncio.sleep(interval_s)
+    return sorted(readings)[len(readings) // 2]
 
 
 @pytest.fixture
@@ -314,6 +328,7 @@ def test_stalled_push_flood_keeps_memory_bounded() -> None:
             assert refused + sum(codes.count(code) for code in ended) == 100, codes
             assert refused >= 50 or codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) <= 32, codes
             flood_peak = peak[0] - baseline
+            after_flood = await settled_rss(pid)
 
             # 2. Churn: 100 streams admitted 16 at a time, each stalled and dropped in turn.
             started = time.monotonic()
@@ -332,21 +347,23 @@ def test_stalled_push_flood_keeps_memory_bounded() -> None:
             assert set(churn) <= ended and grpc.StatusCode.DEADLINE_EXCEEDED in set(churn), churn
             churn_seconds = time.monotonic() - started
             sampler.cancel()
-            growth = peak[0] - baseline
+            growth = await settled_rss(pid) - after_flood
             print(
-                f"server RSS growth: flood of 100 {flood_peak / MIB:.1f} MiB "
-                f"({flood_seconds:.2f} s, {100 - refused} admitted); "
-                f"after 100 more through the caps {growth / MIB:.1f} MiB "
-                f"({churn_seconds:.2f} s)"
+                f"server RSS: flood of 100 peaked {flood_peak / MIB:.1f} MiB above the baseline "
+                f"({flood_seconds:.2f} s, {100 - refused} admitted), settled at "
+                f"{(after_flood - baseline) / MIB:.1f} MiB; 100 more through the caps added "
+                f"{growth / MIB:.1f} MiB settled ({churn_seconds:.2f} s)"
             )
             # Measured ~49 MiB: 16 admitted 1 MiB buffers plus gRPC's own buffering of the refused
             # streams' first megabyte; the churn adds nothing (buffers are recycled). Without the caps
             # and the stall limit, 100 stalled pushes would hold 100 MiB of buffers alone.
             # The flood's peak is bounded by the caps (16 admitted buffers) plus what gRPC buffers of the
             # refused streams (29-72 MiB measured on 2 cores); 100 more stalled streams through the caps
-            # add nothing: memory does not grow with the number of stalled streams.
+            # add nothing: memory does not grow with the number of stalled streams. Compared settled
+            # (medians), not by peaks: the churn's peak sat above the flood's by 0-14 MiB from one run
+            # to the next (how many admitted buffers happened to overlap), and once by 20.7 MB.
             assert flood_peak < 96 * MIB, flood_peak
-            assert growth - flood_peak < 16 * MIB, (growth, flood_peak)
+            assert growth < 16 * MIB, (growth, after_flood - baseline)
             for pusher in pushers:
                 await pusher.close()
 

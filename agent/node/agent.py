@@ -64,7 +64,7 @@ from agent.node.peers import CandidateSource, PeerRegistry
 from agent.node.recorder import CHECKPOINT_NAME, RunRecorder, finished_summary
 from agent.node.runs import prepare_run_folder
 from agent.node.state import snapshot_of
-from agent.node.stopping import StopCoordinator, hand_over_stop
+from agent.node.stopping import StopCoordinator, confirm_stop
 from agent.node.telemetry import MetricsEndpoint
 from agent.node.views import ViewController
 from agent.train.data import load_dataset, partition
@@ -153,7 +153,14 @@ class PeerAgent:
         self.paused = False
         self.iterations_alone = 0
         self.views = ViewController(options.node_id, config, self.registry, self.log)
-        self.stop = StopCoordinator(options.view_period, lambda: self.iteration, self._relay, self.log)
+        self.stop = StopCoordinator(
+            options.view_period,
+            lambda: self.iteration,
+            self._stop_floor,
+            self._relay,
+            self._confirm_stop,
+            self.log,
+        )
         self.stream = torch.Generator()
         self.operator: NodeOperator | None = None
         self.boundary_state: tuple[int, NodeState] | None = None
@@ -246,11 +253,21 @@ class PeerAgent:
         return accepted, reason
 
     def _absorb_stop_proposals(self) -> None:
-        """Proposals that came back in probe answers (the other direction of the handshake)."""
+        """Proposals and positions that came back in probe answers (the other direction of the handshake)."""
+        self.stop.offer(0, source="positions")  # a member past the agreed stop moves it on
         for node_id in self.views.view.node_ids:
             status = self.registry.remote_status.get(node_id)
             if status is not None and status.stop_at_iteration and status.training:
                 self.stop.offer(status.stop_at_iteration, source=node_id)
+
+    def _stop_floor(self) -> int:
+        """The furthest position known in the view: this node's and every training member's last report."""
+        positions = [self.iteration]
+        for node_id in self.views.view.node_ids:
+            status = self.registry.remote_status.get(node_id)
+            if status is not None and status.training:
+                positions.append(status.iteration)
+        return max(positions)
 
     def _relay(self) -> None:
         """Tell every known peer our status now (a stop proposal, a join), not at its next probe."""
@@ -364,7 +381,7 @@ class PeerAgent:
         self.paused = False
         while self.iteration < config.iterations:
             self._absorb_stop_proposals()
-            if self.stop.check():
+            if self.stop.at_stop() and await self.stop.settle():
                 return Outcome("stopped")
             if is_boundary(self.iteration, self.options.view_period):
                 outcome = self._at_boundary()
@@ -427,12 +444,10 @@ class PeerAgent:
             except StopRequested:
                 break
             self.log.info("peers answer again; re-entering", iteration=self.iteration)
-        summary = await recorder.finish(outcome)  # the stop checkpoint is safe before the hand-over
-        if self.stop.stop_at is not None and self.stop.reached.is_set():
-            await self._hand_over_stop(self.stop.stop_at)
-        return summary
+        return await recorder.finish(outcome)
 
-    async def _hand_over_stop(self, stop_at: int) -> None:
+    async def _confirm_stop(self, stop_at: int) -> bool:
+        """Every member's confirmation of ``stop_at`` (``confirm_stop``); False when the stop moved on."""
         registry = self.registry
 
         def reported(node_id: str) -> int:
@@ -447,8 +462,15 @@ class PeerAgent:
             answered = await registry.handshake(record.address)
             return answered is None and registry.failures.get(record.address) == "connection refused"
 
+        def agreed() -> int | None:
+            self._absorb_stop_proposals()
+            return self.stop.stop_at
+
         members = [n for n in self.views.view.node_ids if n != self.options.node_id]
-        await hand_over_stop(stop_at, members, reported, tell, self.options.stop_grace, self.log)
+        missing = await confirm_stop(
+            stop_at, members, reported, tell, agreed, self.options.stop_grace, self.log
+        )
+        return missing is not None
 
     async def run(self) -> dict[str, Any]:
         self.options.out.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def agent_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="while a stop is being agreed, seconds to wait for a silent member before leaving it out; "
-        "after stopping, seconds to wait until every member confirmed the stop",
+        "at the agreed stop, seconds to wait until every member confirmed it",
     )
     parser.add_argument(
         "--pace",
