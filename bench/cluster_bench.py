@@ -599,6 +599,9 @@ def run_launch(
 ) -> LaunchResult:
     result = LaunchResult(nodes=n, system=system.name)
     with NetnsCluster(n) as cluster:
+        for host in cluster.hosts:
+            for setting in args.sysctl:
+                cluster.exec(host, ["sysctl", "-q", "-w", setting])
         launch = Launch(cluster, system, workload, folder, args.round_timeout, tls=args.tls)
         try:
             launch.start()
@@ -1123,6 +1126,14 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="agents talk mutual TLS (a throwaway CA), as deployments do; default plaintext (--insecure), "
         "as the tables in docs/benchmarks.md were measured",
+    )
+    parser.add_argument(
+        "--sysctl",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a network-namespace sysctl set on every node before it starts, e.g. "
+        "net.ipv4.tcp_slow_start_after_idle=0 (repeatable)",
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
