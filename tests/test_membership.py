@@ -78,6 +78,7 @@ def test_a_delivery_resets_the_miss_count() -> None:
 
 # ---- out of step, entering, isolation, stops (pure rules; no processes) -------------------------------
 
+
 def _training(node_id: str, iteration: int, members: tuple[str, ...], ready_from: int = 0) -> PeerPosition:
     return PeerPosition(node_id, training=True, iteration=iteration, members=members, ready_from=ready_from)
 
@@ -146,18 +147,19 @@ def test_isolation_applies_the_policy_only_after_the_bound() -> None:
 
 def test_stop_proposals_merge_to_the_earliest_reachable_boundary() -> None:
     assert propose_stop(37, 10) == 40 and propose_stop(40, 10) == 50
-    assert adopt_stop(None, 40, floor=38) == 40
-    assert adopt_stop(50, 40, floor=38) == 40  # an earlier proposal wins
-    assert adopt_stop(40, 50, floor=38) == 40
-    assert adopt_stop(None, 40, floor=41) is None  # already past it: cannot stop there
-    assert adopt_stop(None, 40, floor=40) == 40  # in the middle of iteration 40: stop before it
-    assert adopt_stop(40, 0, floor=39) == 40  # no proposal: keep
+    assert adopt_stop(None, 40, floor=38, period=10) == 40
+    assert adopt_stop(50, 40, floor=38, period=10) == 40  # an earlier proposal wins
+    assert adopt_stop(40, 50, floor=38, period=10) == 40
+    assert adopt_stop(None, 40, floor=40, period=10) == 40  # in the middle of iteration 40: stop before it
+    assert adopt_stop(40, 0, floor=39, period=10) == 40  # no proposal: keep
+    assert adopt_stop(None, 0, floor=39, period=10) is None  # no stop asked for
 
 
-def test_a_stop_some_member_has_passed_gives_way_to_a_reachable_one() -> None:
+def test_a_stop_some_member_has_passed_moves_to_the_next_reachable_boundary() -> None:
     """The staggered-stop race: a node frozen at 79 thaws and proposes 80 while the others agreed 90 and
-    one of them is already at 81. Whoever learns that position drops 80 and keeps (or takes) 90."""
-    assert adopt_stop(90, 80, floor=81) == 90  # a member at 81: 80 is refused
-    assert adopt_stop(80, 0, floor=81) is None  # adopted before the position was known: dropped
-    assert adopt_stop(80, 90, floor=81) == 90  # ... and the reachable proposal taken instead
-    assert adopt_stop(80, 90, floor=80) == 80  # nobody past 80: the earliest still wins
+    one of them is already at 81. Whoever learns that position moves 80 on; the stop is never lost."""
+    assert adopt_stop(90, 80, floor=81, period=10) == 90  # a member at 81: 80 is out of reach
+    assert adopt_stop(80, 0, floor=81, period=10) == 90  # adopted before the position was known: moved
+    assert adopt_stop(None, 40, floor=41, period=10) == 50  # already past it: the next boundary
+    assert adopt_stop(80, 90, floor=80, period=10) == 80  # nobody past 80: the earliest still wins
+    assert adopt_stop(120, 80, floor=81, period=10) == 90  # moved, then the earliest reachable

@@ -177,3 +177,15 @@ def test_a_signal_proposes_past_the_furthest_member() -> None:
         return view.coordinator.stop_at
 
     assert asyncio.run(scenario()) == 50
+
+
+def test_a_proposal_for_the_iteration_being_stepped_moves_to_the_next_boundary() -> None:
+    """A node that has mixed iteration 80 and is computing its step can no longer stop before 80 (its
+    position is 81): a proposal of 80 arriving then becomes 90 instead of being lost or overshot."""
+
+    async def scenario() -> int | None:
+        view = View(81, {"a": (80, 0)})
+        view.coordinator.offer(80, source="a")
+        return view.coordinator.stop_at
+
+    assert asyncio.run(scenario()) == 90

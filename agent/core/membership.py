@@ -343,19 +343,21 @@ def propose_stop(iteration: int, period: int) -> int:
     return next_boundary(iteration + 1, period)
 
 
-def adopt_stop(current: int | None, proposed: int, floor: int) -> int | None:
-    """Stop proposals merge to the earliest one every member can still reach.
+def adopt_stop(current: int | None, proposed: int, floor: int, period: int) -> int | None:
+    """Stop proposals merge to the earliest boundary every member can still reach.
 
-    ``floor``: the furthest position known in the view (this node's iteration in progress and every
-    training member's last reported one). A member at position p can stop at boundaries >= p only, so a
-    proposal behind the floor cannot be agreed by everyone: it is refused, and an adopted stop the floor
-    has passed is dropped (a member trained past it, e.g. while the proposer was frozen and out of date)
-    in favour of the later proposals that are still reachable. Every member hears every proposal and
-    every position (they travel with the handshake status and are relayed), so all of them settle on
-    the same boundary and their checkpoints hold one iteration. Returns the stop to keep (None: none).
+    ``floor``: the furthest position known in the view (this node's first iteration it can still stop
+    before, and every training member's last reported iteration). A member at position p can stop at
+    boundaries >= p only, so a proposal behind the floor, or an adopted stop the floor has passed (a
+    member trained past it, e.g. while the proposer was frozen and out of date), becomes the first
+    boundary at or after the floor: a stop asked for is never dropped, only moved later. Every member
+    hears every proposal and every position (they travel with the handshake status and are relayed), so
+    all of them settle on the same boundary and their checkpoints hold one iteration. ``proposed`` 0:
+    none. Returns the stop to keep (None: no stop asked for).
     """
-    if current is not None and current < floor:
-        current = None
-    if proposed <= 0 or proposed < floor:
-        return current
-    return proposed if current is None else min(current, proposed)
+
+    def reachable(stop: int) -> int:
+        return stop if stop >= floor else next_boundary(floor, period)
+
+    stops = [reachable(stop) for stop in (current, proposed if proposed > 0 else None) if stop is not None]
+    return min(stops) if stops else None

@@ -153,9 +153,12 @@ class PeerAgent:
         self.paused = False
         self.iterations_alone = 0
         self.views = ViewController(options.node_id, config, self.registry, self.log)
+        # The iteration count this node's step in progress will reach: from the moment its rounds are done
+        # and the step is computed it can no longer stop before that (a stop adopted then moves on).
+        self.committed_to = 0
         self.stop = StopCoordinator(
             options.view_period,
-            lambda: self.iteration,
+            self._stop_position,
             self._stop_floor,
             self._relay,
             self._confirm_stop,
@@ -260,9 +263,21 @@ class PeerAgent:
             if status is not None and status.stop_at_iteration and status.training:
                 self.stop.offer(status.stop_at_iteration, source=node_id)
 
+    def _stop_position(self) -> int:
+        """The first iteration this node can still stop before."""
+        return max(self.iteration, self.committed_to)
+
+    async def commit_step(self, iteration: int) -> bool:
+        """The rounds of ``iteration`` are done: before its step, stop here if that is the agreed, confirmed
+        stop (False: abandon the iteration), else commit to the step."""
+        if self.stop.at_stop() and await self.stop.settle():
+            return False
+        self.committed_to = iteration + 1
+        return True
+
     def _stop_floor(self) -> int:
         """The furthest position known in the view: this node's and every training member's last report."""
-        positions = [self.iteration]
+        positions = [self._stop_position()]
         for node_id in self.views.view.node_ids:
             status = self.registry.remote_status.get(node_id)
             if status is not None and status.training:
@@ -329,7 +344,9 @@ class PeerAgent:
             # Nothing to exchange: run the steps without a round trip to the event loop between them,
             # which cost ~0.2 ms per iteration (bench/agent_overhead.py).
             compute_started = time.perf_counter()
-            traffic.iterations = await self.in_compute(self._local_steps, self._steps_until_event())
+            steps = self._steps_until_event()
+            self.committed_to = iteration + steps
+            traffic.iterations = await self.in_compute(self._local_steps, steps)
             traffic.compute_seconds = time.perf_counter() - compute_started
             return traffic
         if self.overlapped is not None:
@@ -341,6 +358,8 @@ class PeerAgent:
             x = await self.gossip.round(x, iteration, round_, traffic)
             if x is None:
                 return None
+        if not await self.commit_step(iteration):
+            return None
         traffic.communication_seconds = time.perf_counter() - started
         compute_started = time.perf_counter()
         self.state = await self.in_compute(
@@ -393,6 +412,7 @@ class PeerAgent:
             if traffic.troubled or traffic.behind:
                 self._relay()  # fresh statuses from everyone: the out-of-step rule needs them
             self.iteration += traffic.iterations
+            self.committed_to = 0
             check_finite([self.state], self.iteration, [self.options.node_id])  # diverged: stop, exit 1
             if not traffic.participants:
                 self.iterations_alone += traffic.iterations
@@ -444,6 +464,7 @@ class PeerAgent:
             except StopRequested:
                 break
             self.log.info("peers answer again; re-entering", iteration=self.iteration)
+        self.stop.close()
         return await recorder.finish(outcome)
 
     async def _confirm_stop(self, stop_at: int) -> bool:

@@ -64,6 +64,8 @@ class OverlappedIterations:
                     break
         finally:
             g, compute_seconds = await gradient
+        if x is not None and not await agent.commit_step(iteration):
+            x = None  # the agreed stop is here: abandoned like a round the stop interrupted
         traffic.communication_seconds = time.perf_counter() - started
         if x is None:
             agent.stream.set_state(stream_before)

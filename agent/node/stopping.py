@@ -29,7 +29,8 @@ from agent.core.membership import adopt_stop, propose_stop
 class StopCoordinator:
     """One node's side of the stop agreement.
 
-    ``position()``: this node's iteration in progress; ``floor()``: the furthest position known in the
+    ``position()``: the first iteration this node can still stop before (its iteration in progress, or
+    the next one once it has mixed and is computing the step); ``floor()``: the furthest position known in the
     view (``adopt_stop``); ``relay()``: tell every known peer now (a round of handshakes); ``confirm(s)``:
     await every member's confirmation of stop ``s`` (``confirm_stop``; True: stop there, False: it moved).
     ``reached`` is set once this node is at the agreed stop and the stop is confirmed.
@@ -70,10 +71,10 @@ class StopCoordinator:
     def offer(self, proposed: int, source: str) -> None:
         """A proposal from a signal or a peer's status (0 = none: only re-check against the floor)."""
         previous = self.stop_at
-        adopted = adopt_stop(previous, proposed, self.floor())
+        adopted = adopt_stop(previous, proposed, self.floor(), self.period)
         if adopted != previous:
             self.stop_at = adopted
-            if previous is not None and (adopted is None or adopted > previous):
+            if previous is not None and adopted is not None and adopted > previous:
                 self.log.warning(
                     "stop moved: a member is past it", dropped=previous, stop_at=adopted, floor=self.floor()
                 )
@@ -97,6 +98,11 @@ class StopCoordinator:
         confirmed = await self.confirm(stop_at)
         if confirmed and self.stop_at == stop_at and self.at_stop():
             self.reached.set()
+
+    def close(self) -> None:
+        """Training ended: a confirmation still running has nothing left to decide."""
+        if self._confirming is not None and not self._confirming.done():
+            self._confirming.cancel()
 
     async def settle(self) -> bool:
         """At the stop position: wait for the confirmation. True: stop here; False: the stop moved on."""
