@@ -761,6 +761,49 @@ def scenario_staggered_stop(
     return result
 
 
+KILLED_STOP_BOUND_S = 6.0  # the stop grace is 10 s: waiting it out for a killed node is what this bounds
+
+
+def scenario_kill_during_stop(root: Path) -> Result:
+    """SIGTERM node-0, and SIGKILL node-2 the moment it logs the agreed stop. A node whose port refuses
+    connections has exited: the survivors must not wait the stop grace for it (they did: 11 s), but stop
+    within ``KILLED_STOP_BOUND_S`` of the SIGTERM, exit 0, with checkpoints at one iteration."""
+    result = Result("node killed during a stop")
+    root = root / "kill-during-stop"
+    flags = [*CLUSTER_FLAGS, *AGENT_FLAGS, *iteration_flags(100_000), "--checkpoint-every", "100000"]
+    survivors = [0, 1, 3]
+    with Cluster(root, flags).start() as cluster:
+        cluster.wait_iteration(40, timeout=90)
+        first = time.monotonic()
+        cluster.signal(0, signal.SIGTERM)
+        victim = cluster.nodes[2]
+        while time.monotonic() < first + 10 and "stop agreed" not in victim.log.read_text(errors="replace"):
+            time.sleep(0.01)
+        killed_after = time.monotonic() - first
+        cluster.kill(2)
+        codes = cluster.wait(30, indices=survivors)
+        stopped_in = time.monotonic() - first
+    iterations = [
+        load_checkpoint(path).iteration if path.exists() else None
+        for path in (cluster.nodes[i].out / "checkpoint.safetensors" for i in survivors)
+    ]
+    result.figures.update(
+        killed_after_s=round(killed_after, 2),
+        survivors_stopped_s=round(stopped_in, 1),
+        exit_codes=codes,
+        checkpoint_iterations=iterations,
+    )
+    result.require(codes == [0, 0, 0], f"survivors' exit codes {codes}")
+    result.require(None not in iterations and len(set(iterations)) == 1, f"checkpoints at {iterations}")
+    result.require(
+        stopped_in <= KILLED_STOP_BOUND_S,
+        f"survivors took {stopped_in:.1f} s to stop (bound {KILLED_STOP_BOUND_S} s): they waited for the "
+        "killed node",
+    )
+    result.common_checks(root, None)
+    return result
+
+
 def max_difference(paths: Sequence[Path], simulated: Path) -> float:
     """Largest absolute difference of parameters and optimizer state between the agents' checkpoints
     ``paths`` (node i) and the simulator's node-i/final.safetensors; inf when one is missing."""

@@ -4,7 +4,8 @@ figures (thresholds and measurements in tests/faults.py; N trials and the table:
 After a 6 s freeze or a 10 s cut of one node, within 10 s of the heal every node mixes with its neighbours
 again and the cluster runs at >= 80 % of its speed before the fault, final-model spread within 3x an
 undisturbed run; a node restarted with the same id mixes again within 5 s of its start; staggered stops
-leave every checkpoint at one iteration and --resume reproduces the uninterrupted run bit for bit; a
+leave every checkpoint at one iteration and --resume reproduces the uninterrupted run bit for bit; a node
+killed during a stop does not hold the others' stop; a
 stalled stream is dropped within 2 x round-timeout and its memory freed; no uncaught exception; every
 agent logs why it left a peer out. Each test prints its figures (``pytest -s``).
 """
@@ -92,6 +93,11 @@ def test_restart_with_same_id_mixes_within_5s(tmp_path: Path, resume: bool) -> N
 @pytest.mark.parametrize("freeze_one", [False, True], ids=["staggered", "one-frozen"])
 def test_staggered_stops_agree_and_resume_bit_for_bit(tmp_path: Path, freeze_one: bool) -> None:
     check(faults.scenario_staggered_stop(tmp_path, seed=11, freeze_one=freeze_one))
+
+
+@pytest.mark.timeout(150)
+def test_a_node_killed_during_a_stop_does_not_hold_the_others(tmp_path: Path) -> None:
+    check(faults.scenario_kill_during_stop(tmp_path))
 
 
 @pytest.mark.timeout(120)

@@ -220,6 +220,12 @@ class GossipRounds:
                 if isinstance(error, PeerRpcError):
                     self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
                     return False
+                if self.settings.round_timeout < self.deadline_seconds() and self._exited(node_id, reason):
+                    # A stop is being agreed and nothing listens at the neighbour's address any more: it
+                    # exited (it stopped, or was killed); a frozen process would still accept connections.
+                    # Retrying for the stop grace only held this node's own stop back (11 s after a kill).
+                    self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
+                    return False
                 if (
                     isinstance(error, PeerUnavailable)
                     and error.timed_out
@@ -247,6 +253,14 @@ class GossipRounds:
         if not ack.accepted:
             self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
         return ack.accepted
+
+    def _exited(self, node_id: str, reason: str) -> bool:
+        """Whether nothing listens at the neighbour's address any more: this push, or the registry's last
+        handshake with it, was refused a connection."""
+        if "connection refused" in reason.lower():
+            return True
+        record = self.registry.records.get(node_id)
+        return record is not None and self.registry.failures.get(record.address) == "connection refused"
 
     async def _collect(
         self, iteration: int, round_: int, wanted: list[str]
