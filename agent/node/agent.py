@@ -544,6 +544,7 @@ class PeerAgent:
             await self.server.set_serving(False)
         if self._relay_task is not None:
             self._relay_task.cancel()
+        await self.gossip.freezes.close()
         await self.registry.stop()
         if isinstance(self.source, PeerTable):
             await self.source.stop()  # sends the mDNS goodbye

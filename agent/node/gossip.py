@@ -20,6 +20,7 @@ from agent.core.config import TrainConfig
 from agent.core.membership import PeerEvent
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
 from agent.node.edge_gossip import EdgeGossip
+from agent.node.freezes import FreezeDetector
 from agent.node.peers import PeerRegistry, cancelled_by_us
 from agent.node.views import ViewController
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
@@ -98,6 +99,7 @@ class GossipRounds:
         self.stop_event = stop_event
         self.log = log
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
+        self.freezes = FreezeDetector()  # started by the first round, on the running loop
         self._pending_announcements: set[asyncio.Future[bool]] = set()
         self._received_cursor = server.bytes_received
 
@@ -230,10 +232,14 @@ class GossipRounds:
                     isinstance(error, PeerUnavailable)
                     and error.timed_out
                     and not thawed
-                    and time.monotonic() - call_started > timeout + FROZEN_SLACK_SECONDS
+                    and (
+                        time.monotonic() - call_started > timeout + FROZEN_SLACK_SECONDS
+                        or self.freezes.frozen_since(call_started)
+                    )
                 ):
                     # This process itself was frozen during the call (it took far longer than its
-                    # timeout): the neighbour is not to blame; give it one whole deadline again.
+                    # timeout, or the freeze detector saw the process stand still): the neighbour is not
+                    # to blame; give it one whole deadline again.
                     thawed = True
                     started = time.monotonic()
             # While a stop is being agreed the deadline grows (stop grace): a neighbour that failed may be
@@ -299,6 +305,7 @@ class GossipRounds:
         view = views.view
         round_index = iteration * self.settings.rounds + round_
         row = views.schedule.row(views.index, round_index)
+        self.freezes.start()
         neighbours = [view.node_id(j) for j, _ in row if j != views.index]
         live = views.live_neighbours(neighbours, iteration)
         self.inbox.expect(iteration, round_)
