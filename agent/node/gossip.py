@@ -286,6 +286,10 @@ class GossipRounds:
         while True:
             if self.stop_event.is_set():
                 return None
+            if pending and self.settings.round_timeout < self.deadline_seconds():
+                # While a stop is agreed, a neighbour whose port now refuses connections (the registry's
+                # latest handshake with it) exited after our push reached it: its vector is not coming.
+                pending -= {node_id for node_id in pending if self._exited(node_id, "")}
             remaining = self.deadline_seconds() - waited
             if not pending or remaining <= 0:
                 return arrived
