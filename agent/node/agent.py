@@ -85,6 +85,26 @@ from agent.transport.server import GossipServer
 AHEAD_ITERATIONS = 16
 
 
+RPC_DRAIN_SECONDS = 0.5
+
+
+async def _rpc_tasks_ended(timeout: float) -> None:
+    """grpc.aio's ``Server.stop`` returns while the tasks that ran its RPCs may still be pending
+    (grpc/grpc#37239); the loop then cancelled them as the process exited, and cygrpc printed a
+    CancelledError traceback (``_schedule_rpc_coro``) into the agent's log after "agent finished" (once in
+    the fault suite). Give them up to ``timeout`` seconds to end on their own; nothing waits when none
+    is left."""
+    current = asyncio.current_task()
+    pending = [
+        task
+        for task in asyncio.all_tasks()
+        if task is not current
+        and getattr(task.get_coro(), "__qualname__", "") in ("_schedule_rpc_coro", "_handle_exceptions")
+    ]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+
+
 def _init_compute_thread(threads: int) -> None:
     # torch's intra-op thread count is per OS thread (an OpenMP setting): a fresh worker thread would
     # run every op with one thread per core, which cost ~0.5 ms per local step on 2 cores.
@@ -549,6 +569,7 @@ class PeerAgent:
         if isinstance(self.source, PeerTable):
             await self.source.stop()  # sends the mDNS goodbye
         await self.server.stop(grace=1.0)
+        await _rpc_tasks_ended(RPC_DRAIN_SECONDS)
         if self.metrics is not None:
             self.metrics.close()
         self.compute.shutdown(wait=True)
