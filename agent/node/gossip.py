@@ -288,8 +288,13 @@ class GossipRounds:
                 return None
             if pending and self.settings.round_timeout < self.deadline_seconds():
                 # While a stop is agreed, a neighbour whose port now refuses connections (the registry's
-                # latest handshake with it) exited after our push reached it: its vector is not coming.
-                pending -= {node_id for node_id in pending if self._exited(node_id, "")}
+                # latest handshake with it) exited after our push reached it: what it delivered before
+                # exiting is taken (at the stop it sends its last vector and exits), nothing more comes.
+                gone = [node_id for node_id in pending if self._exited(node_id, "")]
+                if gone:
+                    got = await self.inbox.wait_for_messages(iteration, round_, gone, timeout=0)
+                    arrived |= got
+                    pending -= set(gone)
             remaining = self.deadline_seconds() - waited
             if not pending or remaining <= 0:
                 return arrived
