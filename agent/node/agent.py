@@ -501,7 +501,7 @@ class PeerAgent:
             if record is None:
                 return True
             answered = await registry.handshake(record.address)
-            return answered is None and registry.failures.get(record.address) == "connection refused"
+            return answered is None and registry.refuses_connections(node_id)
 
         def agreed() -> int | None:
             self._absorb_stop_proposals()

@@ -21,7 +21,7 @@ from agent.core.membership import PeerEvent
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
 from agent.node.edge_gossip import EdgeGossip
 from agent.node.freezes import FreezeDetector
-from agent.node.peers import PeerRegistry, cancelled_by_us
+from agent.node.peers import CONNECTION_REFUSED, PeerRegistry, cancelled_by_us
 from agent.node.views import ViewController
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
@@ -222,7 +222,7 @@ class GossipRounds:
                 if isinstance(error, PeerRpcError):
                     self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
                     return False
-                if self.settings.round_timeout < self.deadline_seconds() and self._exited(node_id, reason):
+                if self._stop_agreed() and self._exited(node_id, reason):
                     # A stop is being agreed and nothing listens at the neighbour's address any more: it
                     # exited (it stopped, or was killed); a frozen process would still accept connections.
                     # Retrying for the stop grace only held this node's own stop back (11 s after a kill).
@@ -247,7 +247,7 @@ class GossipRounds:
             # the same boundary, so push again rather than leave it out (the stopped state would then
             # differ from an uninterrupted run). Without a stop pending, the deadline is one round timeout.
             deadline = started + self.deadline_seconds()
-            retry = self.settings.round_timeout < self.deadline_seconds() or thawed
+            retry = self._stop_agreed() or thawed
             if not retry or self.stop_event.is_set() or time.monotonic() >= deadline:
                 self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
                 return False
@@ -260,13 +260,14 @@ class GossipRounds:
             self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
         return ack.accepted
 
+    def _stop_agreed(self) -> bool:
+        """A stop is being agreed: the deadline grew from one round timeout to the stop grace."""
+        return self.settings.round_timeout < self.deadline_seconds()
+
     def _exited(self, node_id: str, reason: str) -> bool:
         """Whether nothing listens at the neighbour's address any more: this push, or the registry's last
         handshake with it, was refused a connection."""
-        if "connection refused" in reason.lower():
-            return True
-        record = self.registry.records.get(node_id)
-        return record is not None and self.registry.failures.get(record.address) == "connection refused"
+        return CONNECTION_REFUSED in reason.lower() or self.registry.refuses_connections(node_id)
 
     async def _collect(
         self, iteration: int, round_: int, wanted: list[str]
@@ -286,7 +287,7 @@ class GossipRounds:
         while True:
             if self.stop_event.is_set():
                 return None
-            if pending and self.settings.round_timeout < self.deadline_seconds():
+            if pending and self._stop_agreed():
                 # While a stop is agreed, a neighbour whose port now refuses connections (the registry's
                 # latest handshake with it) exited after our push reached it: what it delivered before
                 # exiting is taken (at the stop it sends its last vector and exits), nothing more comes.

@@ -49,6 +49,7 @@ BACKOFF_CAP_S: Final = 30.0
 GIVE_UP_TRIES: Final = 8
 GIVE_UP_SECONDS: Final = 120.0
 JITTER: Final = 0.25  # each delay is drawn from [(1 - JITTER) * d, d]
+CONNECTION_REFUSED: Final = "connection refused"  # a handshake failure reason: nothing listens there
 
 
 class CandidateSource(Protocol):
@@ -89,8 +90,8 @@ def failure_reason(error: BaseException, timeout: float | None = None) -> str:
             return f"timeout (no answer{within})"
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return "not a dpgan server (a gRPC server without the dpgan Gossip service)"
-        if "connection refused" in lowered:
-            return "connection refused"
+        if CONNECTION_REFUSED in lowered:
+            return CONNECTION_REFUSED
         if "http/2" in lowered or "http2" in lowered or "frame" in lowered:
             return f"not a dpgan server (no gRPC/HTTP2 answer: {_last_error(details)})"
         if "socket closed" in lowered or "connection reset" in lowered or "end of tcp stream" in lowered:
@@ -533,6 +534,12 @@ class PeerRegistry:
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def refuses_connections(self, node_id: str) -> bool:
+        """Whether the latest handshake with the peer's address was refused a connection: nothing listens
+        there any more (it exited or was killed; a frozen process still accepts connections)."""
+        record = self.records.get(node_id)
+        return record is not None and self.failures.get(record.address) == CONNECTION_REFUSED
 
     def alive(self) -> list[str]:
         """Live peers we can push to (our own handshake with them succeeded)."""

@@ -86,13 +86,12 @@ class StopCoordinator:
     def at_stop(self) -> bool:
         return self.stop_at is not None and self.position() >= self.stop_at
 
-    def check(self) -> bool:
-        """True once the stop is reached and confirmed; at the stop position, starts the confirmation."""
-        if self.reached.is_set():
-            return True
-        if self.at_stop() and (self._confirming is None or self._confirming.done()):
+    def check(self) -> None:
+        """At the stop position (not yet confirmed): start the confirmation unless one is running."""
+        if self.reached.is_set() or not self.at_stop():
+            return
+        if self._confirming is None or self._confirming.done():
             self._confirming = asyncio.ensure_future(self._confirm(self.stop_at))  # type: ignore[arg-type]
-        return False
 
     async def _confirm(self, stop_at: int) -> None:
         confirmed = await self.confirm(stop_at)
