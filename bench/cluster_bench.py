@@ -16,6 +16,7 @@ Systems, all on the same model, per-node batch, data split and per-node random s
                  paced pushes (a vector goes out once the partner has entered that round)
   one-peer-exp-eager   the same with --pace off (every vector pushed as soon as it exists)
   ring-bf16      dpgan-agent, ring, t = 1, bfloat16 on the wire
+  one-peer-exp-huffman one-peer exponential, float32-huffman on the wire (float32's bits, exponents coded)
   one-peer-exp-bf16    one-peer exponential, bfloat16 on the wire
   one-peer-exp-int8    one-peer exponential, compressed gossip (CHOCO, error feedback): int8, γ = 1
   one-peer-exp-topk    the same with top-k, 1 % of the entries per message, γ = 0.04
@@ -124,10 +125,12 @@ class System:
     @property
     def update_rule(self) -> tuple[str, ...]:
         """Systems with equal update rules compute the same iterates (one quality run stands for all):
-        pacing changes when vectors travel, not what is computed; all-reduce and PS both run CPOSG."""
+        pacing changes when vectors travel, not what is computed; all-reduce and PS both run CPOSG;
+        float32-huffman carries float32's bits exactly."""
         if self.kind != "agent":
             return ("cposg", self.compression)
-        return ("dposg", self.topology, str(self.rounds), self.wire_dtype, self.compression)
+        wire = "float32" if self.wire_dtype == "float32-huffman" else self.wire_dtype
+        return ("dposg", self.topology, str(self.rounds), wire, self.compression)
 
 
 SYSTEMS: dict[str, System] = {
@@ -142,6 +145,13 @@ SYSTEMS: dict[str, System] = {
             "agent",
             topology="one_peer_exponential",
             pace="off",
+        ),
+        System(
+            "one-peer-exp-huffman",
+            "DPOSG one-peer exponential, float32-huffman wire",
+            "agent",
+            topology="one_peer_exponential",
+            wire_dtype="float32-huffman",
         ),
         System("ring-bf16", "DPOSG ring, t=1, bf16 wire", "agent", wire_dtype="bfloat16"),
         System(
@@ -602,6 +612,8 @@ def run_launch(
         for host in cluster.hosts:
             for setting in args.sysctl:
                 cluster.exec(host, ["sysctl", "-q", "-w", setting])
+            if args.no_gso:
+                cluster.segmentation_offload(host, False)
         launch = Launch(cluster, system, workload, folder, args.round_timeout, tls=args.tls)
         try:
             launch.start()
@@ -1134,6 +1146,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a network-namespace sysctl set on every node before it starts, e.g. "
         "net.ipv4.tcp_slow_start_after_idle=0 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-gso",
+        action="store_true",
+        help="shaped links carry wire-size packets (gso_max_segs 1 on both veth ends), as a router's "
+        "queue does, instead of the kernel's 64 KB offload segments (docs/benchmarks.md: BBR and one-peer)",
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(

@@ -344,7 +344,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed exchanges per transport and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all transports")
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
-    parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "float32-huffman"]
+    )
     parser.add_argument(
         "--pin", action="store_true", help="sender on CPU 0, receiver on CPU 1 (as on two machines)"
     )

@@ -335,6 +335,17 @@ class NetnsCluster:
             shape = ["rate", f"{mbit}mbit", "burst", f"{burst_kbit}kbit", "latency", f"{latency_ms}ms"]
             _tc(namespace, "qdisc", "replace", "dev", interface, "root", "tbf", *shape)
 
+    def segmentation_offload(self, host: Host | str, enabled: bool) -> None:
+        """Let the host's TCP hand 64 KB segments (GSO) to both veth ends (the kernel's default), or make it
+        send wire-size packets (``gso_max_segs 1``), as they sit in a real router's queue.
+
+        With offload, a token bucket on a veth queues a whole 64 KB segment at once: at 20 Mbit/s the ACKs a
+        host sends behind it wait ~26 ms (docs/benchmarks.md measures what that does to BBR)."""
+        target = self.host(host)
+        segments = "65535" if enabled else "1"
+        _ip(target.namespace, "link", "set", "dev", HOST_INTERFACE, "gso_max_segs", segments)
+        _ip(self.switch_namespace, "link", "set", "dev", target.switch_port, "gso_max_segs", segments)
+
     def multicast(self, enabled: bool, hosts: Sequence[Host | str] | None = None) -> None:
         """Let multicast (mDNS) reach the given hosts (default: all), or stop the bridge flooding it to
         them; unicast is unaffected, so static and DNS discovery keep working."""

@@ -67,6 +67,31 @@ def test_agents_on_a_bfloat16_wire_reproduce_the_simulator_bit_for_bit(tmp_path:
         assert torch.equal(agent.rng_state, simulated.rng_state)
 
 
+@pytest.mark.timeout(90)
+def test_agents_on_a_float32_huffman_wire_reproduce_float32_bit_for_bit_with_fewer_bytes(
+    tmp_path: Path,
+) -> None:
+    """float32-huffman is float32 with its exponent bytes coded: the same run, bit for bit, in fewer bytes."""
+    flags = [*EQUIVALENCE_FLAGS, "--wire-dtype", "float32-huffman"]
+    processes, _ = start_agents(tmp_path / "agents", 4, flags)
+    assert main(["simulate", *EQUIVALENCE_FLAGS, "--nodes", "4", "--out", str(tmp_path / "sim")]) == 0
+    assert wait_all(processes, timeout=75) == [0, 0, 0, 0]
+    for i in range(4):
+        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
+        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
+        assert agent.iteration == simulated.iteration == 50
+        for name, tensor in simulated.parameters.items():
+            assert torch.equal(tensor, agent.parameters[name]), f"node {i}: {name} differs"
+        for name, tensor in simulated.optimizer.items():
+            assert torch.equal(tensor, agent.optimizer[name]), f"node {i}: optimizer {name} differs"
+        assert torch.equal(agent.rng_state, simulated.rng_state)
+        # Each iteration pushes x to both ring neighbours in each of the 2 rounds: 4 vectors.
+        plain = 4 * 4 * sum(tensor.numel() for tensor in agent.parameters.values())
+        sent = [e["bytes_sent"] for e in log_events(tmp_path / "agents" / f"node-{i}" / "agent.log")
+                if e.get("event") == "iteration" and e.get("iteration", 0) > 1]  # fmt: skip
+        assert sent and max(sent) < 0.9 * plain, f"node {i} sent {max(sent)} bytes an iteration of {plain}"
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("compression", "topology", "extra"),

@@ -31,7 +31,7 @@ SPLITS = ("iid", "shards", "label_skew")
 LOSSES = ("nonsaturating", "wgan_gp", "hinge")
 MODEL_FAMILIES = ("mlp", "dcgan")
 WEIGHTINGS = ("metropolis", "uniform")
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "float32-huffman")
 COMPRESSIONS = ("none", "int8", "topk", "randk")
 # Keys that only mean something with compressed gossip: left out of cluster_dict() (so of config_hash and
 # the default run id) while compression is none, so configurations written before they existed keep their
@@ -86,7 +86,10 @@ class TrainConfig:
     degree: int | None = _cluster(None, "degree for topology=random_regular")
     weights: str = _cluster("metropolis", f"mixing weights: {', '.join(WEIGHTINGS)}")
     rounds: int = _cluster(1, "gossip rounds t per iteration")
-    wire_dtype: str = _cluster("float32", f"dtype on the wire: {', '.join(WIRE_DTYPES)}")
+    wire_dtype: str = _cluster(
+        "float32",
+        f"dtype on the wire: {', '.join(WIRE_DTYPES)} (bit-exact float32 with Huffman-coded exponent bytes)",
+    )
     compression: str = _cluster(
         "none",
         f"compressed gossip with error feedback (CHOCO): {', '.join(COMPRESSIONS)}; none = exact DPOSG",

@@ -30,7 +30,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from agent.core.choco import EdgeMessage
-from agent.transport import codecs
+from agent.transport import codecs, exponent_coding
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.buffers import RECEIVE_BUFFERS
 from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - isal has wheels for every platform we 
 _UINT32_MAX: Final = (1 << 32) - 1
 _UINT64_MAX: Final = (1 << 64) - 1
 
-WireDtypeName = Literal["float32", "bfloat16", "float16"]
+WireDtypeName = Literal["float32", "bfloat16", "float16", "float32-huffman"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,9 @@ _WIRE_DTYPES: Final[dict[str, _WireDtypeSpec]] = {
     "float32": _WireDtypeSpec("float32", pb.WIRE_DTYPE_FLOAT32, torch.float32, 4),
     "bfloat16": _WireDtypeSpec("bfloat16", pb.WIRE_DTYPE_BFLOAT16, torch.bfloat16, 2),
     "float16": _WireDtypeSpec("float16", pb.WIRE_DTYPE_FLOAT16, torch.float16, 2),
+    # Bit-exact float32 with its exponent bytes Huffman-coded (agent.transport.exponent_coding); the
+    # payload is 3 bytes per element plus the coded plane, at most 4 bytes per element.
+    "float32-huffman": _WireDtypeSpec("float32-huffman", pb.WIRE_DTYPE_FLOAT32_HUFFMAN, torch.float32, 4),
 }
 _WIRE_DTYPES_BY_PROTO: Final = {spec.proto_value: spec for spec in _WIRE_DTYPES.values()}
 WIRE_DTYPE_NAMES: Final = tuple(_WIRE_DTYPES)
@@ -182,6 +185,8 @@ class WireVector:
     # Compressed gossip (agent.core.choco): the edge header; wire_dtype is then int8/topk/randk, or
     # float32 for a reset.
     edge: pb.EdgeCopy | None = None
+    # float32-huffman: bytes of the coded exponent plane at the end of the payload (0 otherwise).
+    coded_bytes: int = 0
 
     @property
     def payload_bytes(self) -> int:
@@ -193,7 +198,8 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
 
     Raises ValueError for a non-float32 tensor, non-finite values, or values that overflow the wire
     dtype (float16 tops out at 65504), so a sender finds out about its own problem instead of every
-    receiver refusing the push.
+    receiver refusing the push. ``float32-huffman`` falls back to plain float32 for a vector whose
+    exponent bytes do not compress (the result's ``wire_dtype`` says which was chosen).
     """
     _require_little_endian()
     spec = _wire_dtype_spec(wire_dtype)
@@ -212,6 +218,21 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
                 f"(float32 range {float(flat.min())}..{float(flat.max())})"
             )
         raise ValueError("refusing to send a vector containing NaN or inf")
+    if spec.name == "float32-huffman":
+        coded = exponent_coding.encode(flat)
+        if coded is None:
+            return prepare_vector(flat, "float32")
+        packed, coded_bytes = coded
+        payload = memoryview(packed.numpy()).cast("B")
+        return WireVector(
+            payload=payload,
+            wire_dtype=spec.name,
+            element_count=flat.numel(),
+            checksum=payload_crc32(payload),
+            shape=shape,
+            _owner=packed,
+            coded_bytes=coded_bytes,
+        )
     # numpy has no bfloat16, so view the raw bytes as uint8 first; no copy either way.
     payload = memoryview(wire.view(torch.uint8).numpy()).cast("B")
     return WireVector(
@@ -377,6 +398,7 @@ def iter_frames(
         name=name,
         shape=wire_vector.shape if include_shape else (),
         edge=wire_vector.edge,
+        coded_bytes=wire_vector.coded_bytes,
     )
     header_bytes = header.SerializeToString()
     header_field = bytes([_HEADER_FIELD_TAG]) + _encode_varint(len(header_bytes)) + header_bytes
@@ -542,6 +564,7 @@ class VectorAssembler:
         self._sums_finite = True
         self._finished = False
         self._compressed = False  # a compressed-gossip difference (codecs), decoded in finish()
+        self._coded = False  # float32-huffman (exponent_coding), decoded in finish()
 
     @property
     def header(self) -> pb.VectorHeader | None:
@@ -595,6 +618,8 @@ class VectorAssembler:
                 raise WireError(
                     WireErrorKind.COMPRESSION, f"compressed {spec.name} payload: {error}"
                 ) from None
+        elif self._coded:
+            vector = self._inflated(header, buffer)
         else:
             vector = self._widened(buffer.view(spec.torch_dtype))
             if self._expected.named:
@@ -625,6 +650,20 @@ class VectorAssembler:
             vector = RECEIVE_BUFFERS.take(wire_tensor.numel() * 4).view(torch.float32)
             vector.copy_(wire_tensor)
         if not self._sums_finite and not all_finite(vector):
+            non_finite = int((~torch.isfinite(vector)).sum())
+            raise WireError(
+                WireErrorKind.NON_FINITE,
+                f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
+            )
+        return vector
+
+    def _inflated(self, header: pb.VectorHeader, buffer: torch.Tensor) -> torch.Tensor:
+        """The float32 vector of a float32-huffman payload, checked finite."""
+        try:
+            vector = exponent_coding.decode(buffer, header.element_count, header.coded_bytes)
+        except codecs.CodecError as error:
+            raise WireError(WireErrorKind.COMPRESSION, f"float32-huffman payload: {error}") from None
+        if not all_finite(vector):
             non_finite = int((~torch.isfinite(vector)).sum())
             raise WireError(
                 WireErrorKind.NON_FINITE,
@@ -687,6 +726,22 @@ class VectorAssembler:
         self._header = header
         self._spec = spec
         self._total_bytes = header.element_count * spec.element_bytes
+        self._coded = spec.name == "float32-huffman"
+        if self._coded:
+            count, coded = header.element_count, header.coded_bytes
+            if not 0 < coded <= exponent_coding.max_coded_bytes(count):
+                raise WireError(
+                    WireErrorKind.COMPRESSION,
+                    f"float32-huffman header: coded_bytes {coded} is outside "
+                    f"[1, {exponent_coding.max_coded_bytes(count)}] for {count} elements",
+                )
+            self._total_bytes = exponent_coding.payload_bytes(count, coded)
+        elif header.coded_bytes:
+            raise WireError(
+                WireErrorKind.BAD_DTYPE,
+                f"coded_bytes {header.coded_bytes} is set on a {spec.name} payload; only "
+                "float32-huffman carries it",
+            )
         if self._compressed:
             try:
                 self._total_bytes = codecs.payload_bytes(header.dtype, header.element_count, header.edge)
@@ -698,7 +753,8 @@ class VectorAssembler:
         # straight into place.
         self._buffer = RECEIVE_BUFFERS.take(self._total_bytes)
         self._buffer_view = memoryview(self._buffer.numpy()).cast("B")
-        self._values = None if self._compressed else self._buffer.view(spec.torch_dtype)
+        plain = not (self._compressed or self._coded)
+        self._values = self._buffer.view(spec.torch_dtype) if plain else None
 
     def _edge_spec(self, header: pb.VectorHeader, spec: _WireDtypeSpec | None) -> _WireDtypeSpec:
         """The dtype spec of a compressed-gossip push (``header.edge`` set): a compressed dtype, or

@@ -16,6 +16,7 @@ class WireDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WIRE_DTYPE_INT8_BLOCKS: _ClassVar[WireDtype]
     WIRE_DTYPE_TOPK: _ClassVar[WireDtype]
     WIRE_DTYPE_RANDK: _ClassVar[WireDtype]
+    WIRE_DTYPE_FLOAT32_HUFFMAN: _ClassVar[WireDtype]
 
 class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ WIRE_DTYPE_FLOAT16: WireDtype
 WIRE_DTYPE_INT8_BLOCKS: WireDtype
 WIRE_DTYPE_TOPK: WireDtype
 WIRE_DTYPE_RANDK: WireDtype
+WIRE_DTYPE_FLOAT32_HUFFMAN: WireDtype
 PUSH_STATUS_UNSPECIFIED: PushStatus
 PUSH_STATUS_ACCEPTED: PushStatus
 PUSH_STATUS_BUFFERED_AHEAD: PushStatus
@@ -122,7 +124,7 @@ class HandshakeResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VectorHeader(_message.Message):
-    __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape", "edge")
+    __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape", "edge", "coded_bytes")
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,7 @@ class VectorHeader(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
+    CODED_BYTES_FIELD_NUMBER: _ClassVar[int]
     sender_id: str
     iteration: int
     round: int
@@ -145,7 +148,8 @@ class VectorHeader(_message.Message):
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     edge: EdgeCopy
-    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., element_count: _Optional[int] = ..., checksum: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., edge: _Optional[_Union[EdgeCopy, _Mapping]] = ...) -> None: ...
+    coded_bytes: int
+    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., element_count: _Optional[int] = ..., checksum: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., edge: _Optional[_Union[EdgeCopy, _Mapping]] = ..., coded_bytes: _Optional[int] = ...) -> None: ...
 
 class EdgeCopy(_message.Message):
     __slots__ = ("reset", "base", "seen", "kept", "seed", "block")
