@@ -382,7 +382,7 @@ def test_decoder_rejects_wrong_element_count() -> None:
     assert_rejected(lying, push_expectation(2), WireErrorKind.LENGTH, "extra data")
 
 
-@pytest.mark.parametrize("dtype_value", [pb.WIRE_DTYPE_UNSPECIFIED, 7])
+@pytest.mark.parametrize("dtype_value", [pb.WIRE_DTYPE_UNSPECIFIED, 99])
 def test_decoder_rejects_unknown_dtype_enum(dtype_value: int) -> None:
     chunks = raw_chunks(float32_bytes([1.0]), element_count=1, dtype=dtype_value)
     assert_rejected(chunks, push_expectation(1), WireErrorKind.BAD_DTYPE, f"enum value {dtype_value}")

@@ -66,8 +66,11 @@ def encode(flat: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return payload, len(stream)
 
 
-def decode(payload: torch.Tensor, element_count: int, coded_bytes: int) -> torch.Tensor:
-    """The float32 (element_count,) vector of a ``float32-huffman`` ``payload`` (uint8, CPU); a new tensor.
+def decode(
+    payload: torch.Tensor, element_count: int, coded_bytes: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The float32 (element_count,) vector of a ``float32-huffman`` ``payload`` (uint8, CPU), written into
+    ``out`` (4·element_count uint8 bytes, e.g. recycled memory) or a new tensor.
 
     Raises CodecError when the payload's size does not match, or the stream is not a zlib stream that
     inflates to exactly ``element_count`` bytes and ends where the payload ends."""
@@ -89,7 +92,7 @@ def decode(payload: torch.Tensor, element_count: int, coded_bytes: int) -> torch
         raise CodecError(f"exponent stream inflates to {len(exponent)}{more} bytes, expected {d}")
     if inflater.unused_data or inflater.unconsumed_tail:
         raise CodecError("exponent stream has bytes after its end")
-    vector = torch.empty(d, dtype=torch.float32)
+    vector = torch.empty(d, dtype=torch.float32) if out is None else out.view(torch.float32)
     planes = vector.view(torch.uint8).view(d, 4)
     planes[:, :3].copy_(payload[: 3 * d].view(3, d).t())
     planes[:, 3].copy_(torch.frombuffer(bytearray(exponent), dtype=torch.uint8))

@@ -649,26 +649,20 @@ class VectorAssembler:
             # Widened into recycled memory too: a fresh float32 tensor would page-fault like the buffer.
             vector = RECEIVE_BUFFERS.take(wire_tensor.numel() * 4).view(torch.float32)
             vector.copy_(wire_tensor)
-        if not self._sums_finite and not all_finite(vector):
-            non_finite = int((~torch.isfinite(vector)).sum())
-            raise WireError(
-                WireErrorKind.NON_FINITE,
-                f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
-            )
+        if not self._sums_finite:
+            _require_finite(vector)
         return vector
 
     def _inflated(self, header: pb.VectorHeader, buffer: torch.Tensor) -> torch.Tensor:
         """The float32 vector of a float32-huffman payload, checked finite."""
+        count = header.element_count
         try:
-            vector = exponent_coding.decode(buffer, header.element_count, header.coded_bytes)
+            # Into recycled memory, as _widened does: a fresh tensor would page-fault on every push.
+            out = RECEIVE_BUFFERS.take(4 * count)
+            vector = exponent_coding.decode(buffer, count, header.coded_bytes, out)
         except codecs.CodecError as error:
             raise WireError(WireErrorKind.COMPRESSION, f"float32-huffman payload: {error}") from None
-        if not all_finite(vector):
-            non_finite = int((~torch.isfinite(vector)).sum())
-            raise WireError(
-                WireErrorKind.NON_FINITE,
-                f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
-            )
+        _require_finite(vector)
         return vector
 
     def release(self) -> None:
@@ -856,6 +850,15 @@ class VectorAssembler:
                 partial = self._values[self._checked_elements : end].sum(dtype=torch.float32)
                 self._sums_finite = math.isfinite(float(partial))
                 self._checked_elements = end
+
+
+def _require_finite(vector: torch.Tensor) -> None:
+    if not all_finite(vector):
+        non_finite = int((~torch.isfinite(vector)).sum())
+        raise WireError(
+            WireErrorKind.NON_FINITE,
+            f"vector contains {non_finite} non-finite value(s) (NaN or inf)",
+        )
 
 
 def decode_vector(chunks: Iterable[pb.VectorChunk | RawChunk], expected: ExpectedVector) -> DecodedVector:
