@@ -762,7 +762,7 @@ def goal_lines(results: list[LaunchResult]) -> list[str]:
         (name, base, bound)
         for name in ("one-peer-exp-int8", "one-peer-exp-topk", "one-peer-exp-randk")
         for base, bound in (("allreduce", 0.3), ("allreduce-fp16", 0.6))
-    ]
+    ] + [("one-peer-exp-huffman", "allreduce", 0.6)]
     for name, base, bound in [
         ("ring", "ps", 0.25),
         ("one-peer-exp", "ps", 0.25),
@@ -1067,6 +1067,7 @@ def quality_goal_lines(table: dict[tuple[str, int], dict[str, Any]], args: argpa
     lines = ["", f"### Time-to-target goals (8 nodes, 20 Mbit/s, {args.quality_dataset})", ""]
     for name, base, bound in (
         ("one-peer-exp", "allreduce", 0.6),
+        ("one-peer-exp-huffman", "allreduce", 0.6),
         ("one-peer-exp-int8", "allreduce", 0.3),
         ("one-peer-exp-int8", "allreduce-fp16", 0.6),
         ("one-peer-exp-topk", "allreduce", 0.3),
@@ -1280,6 +1281,7 @@ QUALITY_SETTINGS = (
 # Plot colours and (short) legend labels of the systems bench/plot.py does not know.
 EXTRA_STYLES = {
     "one-peer-exp-bf16": ((120, 120, 120), "one-peer exp., bf16 wire"),
+    "one-peer-exp-huffman": ((200, 80, 80), "one-peer exp., float32-huffman wire"),
     "one-peer-exp-int8": ((120, 40, 160), "one-peer exp., CHOCO int8"),
     "one-peer-exp-topk": ((0, 90, 60), "one-peer exp., CHOCO top-k 1 %"),
     "one-peer-exp-randk": ((150, 110, 0), "one-peer exp., CHOCO rand-k 1 %"),
