@@ -999,6 +999,21 @@ def test_netns_cluster_shapes_links_and_cleans_up(netns_cluster) -> None:
     cluster.set_rate("h1", None)
     assert transfer_seconds(2_500_000) < 0.5
 
+    def gso_max_segs() -> set[str]:
+        port = cluster.host("h1").switch_port
+        shown = [
+            cluster.exec("h1", ["ip", "-d", "link", "show", "dev", "eth0"]).stdout,
+            subprocess.run(["ip", "-n", cluster.switch_namespace, "-d", "link", "show", "dev", port],
+                           capture_output=True, text=True, check=True).stdout,
+        ]  # fmt: skip
+        return {text.split("gso_max_segs ")[1].split()[0] for text in shown}
+
+    cluster.segmentation_offload("h1", False)  # bench/cluster_bench.py --no-gso
+    assert gso_max_segs() == {"1"}
+    assert transfer_seconds(2_500_000) < 0.5
+    cluster.segmentation_offload("h1", True)
+    assert gso_max_segs() == {"65535"}
+
     # attach_root puts this process on the bridge too.
     listener = cluster.popen("h0", [sys.executable, "-c", LISTEN_ONCE], stdout=subprocess.PIPE, text=True)
     assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
