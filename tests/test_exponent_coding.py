@@ -110,10 +110,12 @@ EXPONENTS = bytes([0x3C]) * COUNT
     [
         (b"not a zlib stream at all", "does not inflate"),
         (zlib.compress(EXPONENTS[:-1]), "inflates to 4095 bytes, expected 4096"),
-        (zlib.compress(EXPONENTS + b"\x3c"), "inflates to 4096 (or more) bytes"),
-        # A bomb: 4 MB of exponent bytes in a few KB; inflating stops at the vector's length.
-        (zlib.compress(EXPONENTS * 1000, 9), "inflates to 4096 (or more) bytes"),
+        (zlib.compress(EXPONENTS + b"\x3c"), "inflates to more than 4096 bytes"),
+        # A bomb: 4 MB of exponent bytes in a few KB; inflating stops one byte past the vector's length.
+        (zlib.compress(EXPONENTS * 1000, 9), "inflates to more than 4096 bytes"),
         (zlib.compress(EXPONENTS) + b"tail", "bytes after its end"),
+        (zlib.compress(EXPONENTS) + zlib.compress(b"\x3c"), "bytes after its end"),
+        (zlib.compress(EXPONENTS)[:-4], "ends before its end marker and checksum"),  # no checksum
         (zlib.compress(EXPONENTS)[:-6], "inflates to"),
     ],
 )
@@ -128,6 +130,16 @@ def test_coded_exponents_that_make_nan_are_refused() -> None:
     planes[:, 2] = 0x80  # exponent's low bit set; with a high byte of 0x7F: 0x7F80_0000 = +inf
     error = _refusal(_forged(COUNT, zlib.compress(bytes([0x7F]) * COUNT), planes), COUNT)
     assert error.kind is WireErrorKind.NON_FINITE
+
+
+def test_a_payload_is_never_larger_than_plain_float32() -> None:
+    # Stored (level 0) blocks are a valid zlib stream longer than the plane: refused from the header.
+    error = _refusal(_forged(COUNT, zlib.compress(EXPONENTS, 0)), COUNT)
+    assert error.kind is WireErrorKind.COMPRESSION and "coded_bytes" in str(error)
+    for count in range(1, 80):  # the sender falls back to float32 rather than send 4 bytes or more
+        wire = prepare_vector(_weights(count, seed=count), "float32-huffman")
+        assert wire.payload_bytes <= 4 * count
+        assert wire.wire_dtype == "float32" or wire.payload_bytes < 4 * count
 
 
 @pytest.mark.parametrize("coded_bytes", [0, exponent_coding.max_coded_bytes(COUNT) + 1])

@@ -8,6 +8,7 @@ import json
 import math
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
@@ -20,6 +21,7 @@ import structlog
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent.transport import exponent_coding
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
 from agent.transport.buffers import ReceiveBufferPool
@@ -952,6 +954,36 @@ def test_push_half_precision_and_prepared_vector_to_two_peers() -> None:
                 node.inbox.expect(0, 1)
                 received = await node.inbox.wait_for(0, 1, {"a"}, timeout=1.0)
                 assert torch.equal(received["a"], expected)
+
+    run(scenario)
+
+
+def test_float32_huffman_push_arrives_bit_exact_and_is_decoded_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vector = torch.randn(1 << 20, generator=torch.Generator().manual_seed(5)) * 0.02
+    decoding_threads: list[int] = []
+    decode = exponent_coding.decode
+
+    def recording_decode(*args: Any, **kwargs: Any) -> torch.Tensor:
+        decoding_threads.append(threading.get_ident())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(exponent_coding, "decode", recording_decode)
+
+    async def scenario() -> None:
+        async with (
+            gossip_node("b", vector_length=vector.numel()) as node,
+            PeerClient(node.server.address) as client,
+        ):
+            await client.handshake(identity("a"))
+            ack = await client.push_vector(vector, iteration=0, round=0, wire_dtype="float32-huffman")
+            assert ack.accepted, ack.reason
+            received = await node.inbox.wait_for(0, 0, {"a"}, timeout=1.0)
+            assert torch.equal(bits(received["a"]), bits(vector))
+            assert 3 * vector.numel() < client.bytes_sent < 0.9 * 4 * vector.numel()
+            # The decode (milliseconds per MB) ran, and not on the loop serving the node's RPCs.
+            assert decoding_threads and threading.get_ident() not in decoding_threads
 
     run(scenario)
 

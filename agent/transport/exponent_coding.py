@@ -33,11 +33,11 @@ _MEM_LEVEL: Final = 9
 
 
 def max_coded_bytes(element_count: int) -> int:
-    """The most bytes the zlib stream of a ``element_count``-byte plane may take: zlib's
-    ``compressBound`` (zlib 1.3 ``compress.c``). A sender never sends more (it sends plain float32 when
-    coding does not shrink the plane), so a header claiming more is malformed."""
-    d = element_count
-    return d + (d >> 12) + (d >> 14) + (d >> 25) + 13
+    """The most bytes the zlib stream of an ``element_count``-byte plane may take: one less than the plane,
+    so a payload is always smaller than plain float32's 4 bytes per element. A sender never sends more (it
+    sends plain float32 when coding saves less than 1/64 of the vector), so a header claiming more is
+    malformed."""
+    return element_count - 1
 
 
 def payload_bytes(element_count: int, coded_bytes: int) -> int:
@@ -58,7 +58,7 @@ def encode(flat: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     exponent = planes[:, 3].contiguous()
     coder = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WINDOW_BITS, _MEM_LEVEL, zlib.Z_HUFFMAN_ONLY)
     stream = coder.compress(memoryview(exponent.numpy())) + coder.flush()
-    if len(stream) > d - d // 16:
+    if len(stream) > d - max(1, d // 16):
         return None
     payload = torch.empty(payload_bytes(d, len(stream)), dtype=torch.uint8)
     payload[: 3 * d].view(3, d).copy_(planes[:, :3].t())
@@ -85,11 +85,15 @@ def decode(
     inflater = zlib.decompressobj(_WINDOW_BITS)
     try:
         exponent = inflater.decompress(stream, d)
+        if inflater.unconsumed_tail and inflater.decompress(inflater.unconsumed_tail, 1):
+            # d bytes out and input left that still inflates (a bomb stops here, one byte past d).
+            raise CodecError(f"exponent stream inflates to more than {d} bytes")
     except zlib.error as error:
         raise CodecError(f"exponent stream does not inflate: {error}") from None
-    if len(exponent) != d or not inflater.eof:
-        more = " (or more)" if inflater.unconsumed_tail else ""
-        raise CodecError(f"exponent stream inflates to {len(exponent)}{more} bytes, expected {d}")
+    if len(exponent) != d:
+        raise CodecError(f"exponent stream inflates to {len(exponent)} bytes, expected {d}")
+    if not inflater.eof:
+        raise CodecError(f"exponent stream ends before its end marker and checksum (after {d} bytes)")
     if inflater.unused_data or inflater.unconsumed_tail:
         raise CodecError("exponent stream has bytes after its end")
     vector = torch.empty(d, dtype=torch.float32) if out is None else out.view(torch.float32)

@@ -61,7 +61,7 @@ _WIRE_DTYPES: Final[dict[str, _WireDtypeSpec]] = {
     "bfloat16": _WireDtypeSpec("bfloat16", pb.WIRE_DTYPE_BFLOAT16, torch.bfloat16, 2),
     "float16": _WireDtypeSpec("float16", pb.WIRE_DTYPE_FLOAT16, torch.float16, 2),
     # Bit-exact float32 with its exponent bytes Huffman-coded (agent.transport.exponent_coding); the
-    # payload is 3 bytes per element plus the coded plane, at most 4 bytes per element.
+    # payload is 3 bytes per element plus the coded plane, less than 4 bytes per element.
     "float32-huffman": _WireDtypeSpec("float32-huffman", pb.WIRE_DTYPE_FLOAT32_HUFFMAN, torch.float32, 4),
 }
 _WIRE_DTYPES_BY_PROTO: Final = {spec.proto_value: spec for spec in _WIRE_DTYPES.values()}
@@ -574,6 +574,12 @@ class VectorAssembler:
     @property
     def received_bytes(self) -> int:
         return self._received_bytes
+
+    @property
+    def inflates(self) -> bool:
+        """Whether finish() decodes a float32-huffman payload (milliseconds of CPU per MB): a caller on an
+        event loop runs finish() in a thread then. Known once the header has been added."""
+        return self._coded
 
     def add(self, chunk: pb.VectorChunk | RawChunk) -> None:
         if self._finished:
