@@ -93,8 +93,20 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    values: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
+    """The validated config of a config file, overridden by flags, then by ``overrides``; a bad value
+    that came from the file is reported with the file's name (ConfigError)."""
+    path = getattr(args, "config", None)
+    values: dict[str, Any] = read_yaml(path) if path else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({key: value for key, value in vars(args).items() if key in names})
-    values.update(overrides or {})
-    return build_config(values)
+    given = {key: value for key, value in vars(args).items() if key in names}
+    given.update(overrides or {})
+    from_file = set(values) - set(given)
+    values.update(given)
+    try:
+        return build_config(values)
+    except ConfigError as error:
+        # Every message starts with the key it is about ("wire_dtype: ...").
+        key = str(error).split(":", 1)[0]
+        if key in from_file:
+            raise ConfigError(f"config file {path}: {error}") from None
+        raise

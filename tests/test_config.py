@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from agent.configfile import read_yaml
+from agent.configfile import config_from_args, read_yaml
 from agent.core.config import ConfigError, build_config
 
 
@@ -67,3 +68,18 @@ def test_per_dataset_step_size_overrides_apply_only_when_lr_is_unset() -> None:
     assert build_config({"dataset": "ring8", "algorithm": "dpoadam"}).lr == pytest.approx(5e-4)
     assert build_config({"dataset": "digits", "algorithm": "dpoadam"}).lr == pytest.approx(2e-4)
     assert build_config({"dataset": "ring8", "algorithm": "dpoadam", "lr": 1e-3}).lr == pytest.approx(1e-3)
+
+
+def test_a_bad_value_from_a_config_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text("dataset: ring8\nwire_dtype: huffman\ncompression: randk\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: wire_dtype: 'huffman' is not one of"):
+        config_from_args(argparse.Namespace(config=path))
+    # The same key fixed by a flag: the remaining conflict is between the flag and the file's compression.
+    flag = argparse.Namespace(config=path, wire_dtype="float32-huffman")
+    with pytest.raises(ConfigError, match=r"^wire_dtype: compression 'randk' sends its own codes"):
+        config_from_args(flag)
+    path.write_text("dataset: ring8\nwire_dtype: float32-huffman\n")
+    assert config_from_args(argparse.Namespace(config=path)).wire_dtype == "float32-huffman"
+    with pytest.raises(ConfigError, match=r"^topology: 'nope'"):  # from a flag: no file named
+        config_from_args(argparse.Namespace(config=path, topology="nope"))
