@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agent.transport import exponent_coding
-from agent.transport.codecs import CodecError
+from agent.transport.codecs import CodecError, GossipKind
 from agent.transport.frames import (
     ExpectedVector,
     WireError,
@@ -182,3 +182,24 @@ def test_decode_checks_sizes_itself() -> None:
         exponent_coding.decode(payload[:-1], COUNT, coded)
     with pytest.raises(CodecError, match="outside"):
         exponent_coding.decode(payload, COUNT, 0)
+
+
+def test_a_run_takes_plain_vectors_only_in_its_own_wire_dtype() -> None:
+    """A handshaken peer's push in another dtype than the run's (a bfloat16 vector into a float32 run)
+    is refused, naming both; a float32-huffman run also takes plain float32 (its senders' fallback)."""
+    vector = _weights(COUNT)
+
+    def decoded(wire_dtype: str, run: str) -> torch.Tensor:
+        chunks = iter_chunks(prepare_vector(vector, wire_dtype), sender_id="a", chunk_bytes=65536)
+        expected = ExpectedVector(element_count=COUNT, gossip=GossipKind(wire_dtype=run))
+        return decode_vector(chunks, expected).vector
+
+    for wire_dtype, run in [("bfloat16", "float32"), ("float32-huffman", "float32"), ("float32", "bfloat16"),
+                            ("float16", "float32-huffman"), ("bfloat16", "float16")]:  # fmt: skip
+        with pytest.raises(WireError) as caught:
+            decoded(wire_dtype, run)
+        assert caught.value.kind is WireErrorKind.BAD_DTYPE
+        assert f"travel as {run} (wire_dtype), not {wire_dtype}" in str(caught.value)
+    for wire_dtype, run in [("float32", "float32"), ("float32", "float32-huffman"),
+                            ("float32-huffman", "float32-huffman"), ("bfloat16", "bfloat16")]:  # fmt: skip
+        assert decoded(wire_dtype, run).dtype == torch.float32

@@ -163,7 +163,9 @@ class PeerAgent:
             positions=self.positions,
             stall_timeout=options.round_timeout,
             security=options.security,
-            gossip=GossipKind(compression.compressor if compression is not None else None),
+            gossip=GossipKind(
+                compression.compressor if compression is not None else None, wire_dtype=config.wire_dtype
+            ),
         )
         self.hyper = hyper_from(config)
         self.state: NodeState | None = None

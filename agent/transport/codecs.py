@@ -32,11 +32,22 @@ MAX_INT8_BLOCK: Final = 1 << 20
 class GossipKind:
     """What a receiver's run gossips, for refusing pushes of another kind (``ExpectedVector.gossip``).
 
-    ``compressor`` None: plain vectors (no edge header). Otherwise compressed differences of exactly this
-    compressor (its kind, and its kept count or int8 block for the receiver's vector length), plus float32
-    resets."""
+    ``compressor`` None: plain vectors (no edge header) in the run's ``wire_dtype`` (a ``float32-huffman``
+    run also takes plain float32, which its senders send when coding does not pay). Otherwise compressed
+    differences of exactly this compressor (its kind, and its kept count or int8 block for the receiver's
+    vector length), plus float32 resets."""
 
     compressor: Compressor | None = None
+    wire_dtype: str = "float32"
+
+    def plain_refusal(self, wire_dtype: str) -> str | None:
+        """Why a plain vector sent as ``wire_dtype`` is not of this run's gossip; None if it is."""
+        if self.compressor is not None:
+            return None  # refusal() covers compressed runs: plain pushes are refused there
+        accepted = {self.wire_dtype, "float32"} if self.wire_dtype == "float32-huffman" else {self.wire_dtype}
+        if wire_dtype in accepted:
+            return None
+        return f"this run's vectors travel as {self.wire_dtype} (wire_dtype), not {wire_dtype}"
 
     def refusal(self, dtype: int, edge: pb.EdgeCopy | None, length: int) -> str | None:
         """Why a push with this dtype and edge header is not of this run's gossip; None if it is."""

@@ -722,6 +722,8 @@ class VectorAssembler:
             refusal = expected.gossip.refusal(header.dtype, edge, header.element_count)
             if refusal is not None:
                 raise WireError(WireErrorKind.COMPRESSION, refusal)
+            if edge is None and (refusal := expected.gossip.plain_refusal(spec.name)) is not None:
+                raise WireError(WireErrorKind.BAD_DTYPE, refusal)
 
         self._header = header
         self._spec = spec
