@@ -88,7 +88,7 @@ class TrainConfig:
     rounds: int = _cluster(1, "gossip rounds t per iteration")
     wire_dtype: str = _cluster(
         "float32",
-        f"dtype on the wire: {', '.join(WIRE_DTYPES)} (bit-exact float32 with Huffman-coded exponent bytes)",
+        f"dtype on the wire: {', '.join(WIRE_DTYPES)} (float32's bits with the exponent bytes Huffman-coded)",
     )
     compression: str = _cluster(
         "none",
