@@ -100,13 +100,36 @@ def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {key: value for key, value in vars(args).items() if key in names}
     given.update(overrides or {})
-    from_file = set(values) - set(given)
     values.update(given)
     try:
         return build_config(values)
     except ConfigError as error:
-        # Every message starts with the key it is about ("wire_dtype: ...").
-        key = str(error).split(":", 1)[0]
-        if key in from_file:
-            raise ConfigError(f"config file {path}: {error}") from None
-        raise
+        raise with_config_file(error, args, set(given)) from None
+
+
+_WORD = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def with_config_file(
+    error: ConfigError, args: argparse.Namespace, flags: set[str] | None = None
+) -> ConfigError:
+    """``error`` naming ``args.config`` when keys it mentions were set there: prefixed with the file when
+    no flag set any key it mentions, else with the file's keys appended. ``flags``: the keys given on the
+    command line (default: those in ``args``)."""
+    path = getattr(args, "config", None)
+    if not path or str(error).startswith("config file "):
+        return error
+    try:
+        file_keys = set(read_yaml(path))
+    except ConfigError:
+        return error
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if flags is None:
+        flags = {key for key in vars(args) if key in names}
+    mentioned = {word for word in _WORD.findall(str(error)) if word in names}
+    from_file = mentioned & (file_keys - flags)
+    if not from_file:
+        return error
+    if mentioned & flags:
+        return ConfigError(f"{error} (config file {path} sets {', '.join(sorted(from_file))})")
+    return ConfigError(f"config file {path}: {error}")

@@ -16,8 +16,8 @@ from typing import Any
 
 from agent import __version__
 from agent.allocator import keep_freed_memory
-from agent.configfile import add_config_flags, config_from_args
-from agent.core.config import check_topology
+from agent.configfile import add_config_flags, config_from_args, with_config_file
+from agent.core.config import ConfigError, check_topology
 from agent.files import dumps_json
 from agent.logs import configure_logging, get_logger
 from agent.progress import ProgressBar
@@ -55,7 +55,10 @@ def simulate_main(argv: Sequence[str]) -> int:
     log = get_logger(mode="simulate")
     try:
         config = config_from_args(args)
-        check_topology(config, config.nodes)
+        try:
+            check_topology(config, config.nodes)
+        except ConfigError as error:
+            raise with_config_file(error, args) from None
     except ValueError as error:
         print(f"dpgan-agent simulate: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -83,3 +83,11 @@ def test_a_bad_value_from_a_config_file_names_the_file(tmp_path: Path) -> None:
     assert config_from_args(argparse.Namespace(config=path)).wire_dtype == "float32-huffman"
     with pytest.raises(ConfigError, match=r"^topology: 'nope'"):  # from a flag: no file named
         config_from_args(argparse.Namespace(config=path, topology="nope"))
+    # The key named is not in the file, but what it complains about is: the file is named.
+    path.write_text("dataset: ring8\ntopology: random_regular\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: degree: topology random_regular needs"):
+        config_from_args(argparse.Namespace(config=path))
+    # A flag and the file clash: the message says which keys the file set.
+    path.write_text("dataset: ring8\ncompression: topk\n")
+    with pytest.raises(ConfigError, match=rf"use compression none \(config file {path} sets compression\)$"):
+        config_from_args(argparse.Namespace(config=path, algorithm="cposg"))

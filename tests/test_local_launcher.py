@@ -128,3 +128,9 @@ def test_an_impossible_topology_is_refused_before_any_agent_starts(
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert agent_main(argv) == 2
     assert "cannot be built for 5 nodes" in capsys.readouterr().err
+    # The same topology from a config file: the error names the file.
+    config = tmp_path / "cluster.yaml"
+    config.write_text("topology: random_regular\ndegree: 3\n")
+    argv = ["--local", "5", "--config", str(config), "--dataset", "ring8", "--out", str(tmp_path / "run")]
+    assert agent_main(argv) == 2
+    assert f"config file {config}: topology: 'random_regular'" in capsys.readouterr().err

@@ -346,9 +346,13 @@ def validate(config: TrainConfig) -> None:
             f"leave wire_dtype at float32, not {config.wire_dtype!r}"
         )
     if config.overlap and config.algorithm == "cposg":
-        raise ConfigError("overlap: cposg averages gradients and does not gossip; leave overlap false")
+        raise ConfigError(
+            "overlap: algorithm cposg averages gradients and does not gossip; leave overlap false"
+        )
     if config.compression != "none" and config.algorithm == "cposg":
-        raise ConfigError("compression: cposg averages gradients and does not gossip; use compression none")
+        raise ConfigError(
+            "compression: algorithm cposg averages gradients and does not gossip; use compression none"
+        )
     _check_choice("device", config.device, DEVICES)
     for key in ("lr", "gp_weight", "eps", "width", "latent_dim", "batch_size", "nodes", "rounds", "threads"):
         _check_positive(key, getattr(config, key))

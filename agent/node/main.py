@@ -13,8 +13,8 @@ from pathlib import Path
 
 from agent import __version__
 from agent.allocator import keep_freed_memory
-from agent.configfile import add_config_flags, config_from_args
-from agent.core.config import TrainConfig
+from agent.configfile import add_config_flags, config_from_args, with_config_file
+from agent.core.config import ConfigError, TrainConfig
 from agent.core.membership import MembershipError, check_node_id
 from agent.discovery.addresses import resolve_advertise
 from agent.logs import configure_logging, get_logger
@@ -333,14 +333,16 @@ def agent_main(argv: Sequence[str]) -> int:
         if args.local is not None:
             from agent.node.local import run_local_cluster
 
-            return run_local_cluster(args.local, argv, args.out or Path("runs/local"), config)
+            try:
+                return run_local_cluster(args.local, argv, args.out or Path("runs/local"), config)
+            except ConfigError as error:  # the topology for --local's node count
+                raise with_config_file(error, args) from None
         options = build_options(args, config)
     except (ValueError, MembershipError) as error:
         print(f"dpgan-agent: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     import torch  # after the arguments: --help and --version start without it
 
-    from agent.core.config import ConfigError
     from agent.core.topology import TopologyError
     from agent.train.data import DatasetError
 
