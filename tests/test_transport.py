@@ -988,6 +988,48 @@ def test_float32_huffman_push_arrives_bit_exact_and_is_decoded_off_the_event_loo
     run(scenario)
 
 
+def test_a_cancelled_float32_huffman_push_counts_against_the_caps_until_its_decode_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vector = torch.randn(1 << 18, generator=torch.Generator().manual_seed(6)) * 0.02
+    started, ended = threading.Event(), threading.Event()
+    decode = exponent_coding.decode
+
+    def slow_decode(*args: Any, **kwargs: Any) -> torch.Tensor:
+        started.set()
+        time.sleep(3.0)
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(exponent_coding, "decode", slow_decode)
+
+    async def scenario() -> None:
+        async with (
+            gossip_node("b", vector_length=vector.numel()) as node,
+            PeerClient(node.server.address) as client,
+        ):
+            await client.handshake(identity("a"))
+            with pytest.raises(PeerUnavailable):  # the sender gives up while the receiver decodes
+                await client.push_vector(
+                    vector, iteration=0, round=0, wire_dtype="float32-huffman", timeout=1.0
+                )
+            assert started.is_set() and not ended.is_set()
+            await asyncio.sleep(0.2)
+            assert node.server.push_streams_in_flight == 1  # still decoding: still under the caps
+            assert await asyncio.to_thread(ended.wait, 10.0)
+            for _ in range(50):
+                if node.server.push_streams_in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert node.server.push_streams_in_flight == 0
+            # The abandoned push delivered nothing: a vector for (0, 0) from "a" would be a duplicate now.
+            assert node.inbox.classify("a", 0, 0) is not PutOutcome.DUPLICATE
+
+    run(scenario)
+
+
 def test_push_rejections_are_acks_with_reasons() -> None:
     vector = torch.ones(1000)
 

@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.codecs import GossipKind
 from agent.transport.frames import (
+    DecodedVector,
     ExpectedVector,
     Position,
     RawChunk,
@@ -770,7 +771,7 @@ class GossipServer:
                 raise WireError(WireErrorKind.MISSING_HEADER, "push stream carried no chunks")
             if assembler.inflates:
                 # Milliseconds per MB: off the loop that serves every other RPC of this node.
-                decoded = await asyncio.to_thread(assembler.finish)
+                decoded = await self._finish_in_thread(assembler)
             else:
                 decoded = assembler.finish()
         except WireError as error:
@@ -802,6 +803,20 @@ class GossipServer:
             f"vector for (iteration {decoded.iteration}, round {decoded.round}) not delivered: "
             f"{outcome.value}; inbox is at {tuple(self._inbox.position)}",
         )
+
+    @staticmethod
+    async def _finish_in_thread(assembler: VectorAssembler) -> DecodedVector:
+        """``assembler.finish()`` in a worker thread. A push cancelled meanwhile (its sender timed out) waits
+        for the decode to end before it lets go of its place under the push caps, so cancelled pushes
+        cannot pile up decode work and receive buffers beyond them."""
+        decoding = asyncio.get_running_loop().run_in_executor(None, assembler.finish)
+        try:
+            return await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            await asyncio.wait([decoding])
+            if not decoding.cancelled():
+                decoding.exception()  # retrieved: the push is gone, its outcome does not matter
+            raise
 
     def _aborted_push(
         self, stream: _PushStream, sender: str, assembler: VectorAssembler | None
