@@ -218,30 +218,23 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
                 f"(float32 range {float(flat.min())}..{float(flat.max())})"
             )
         raise ValueError("refusing to send a vector containing NaN or inf")
+    # numpy has no bfloat16, so view the raw bytes as uint8 first; no copy either way.
+    owner, wire_dtype, coded_bytes = wire.view(torch.uint8), spec.name, 0
     if spec.name == "float32-huffman":
         coded = exponent_coding.encode(flat)
         if coded is None:
-            return prepare_vector(flat, "float32")
-        packed, coded_bytes = coded
-        payload = memoryview(packed.numpy()).cast("B")
-        return WireVector(
-            payload=payload,
-            wire_dtype=spec.name,
-            element_count=flat.numel(),
-            checksum=payload_crc32(payload),
-            shape=shape,
-            _owner=packed,
-            coded_bytes=coded_bytes,
-        )
-    # numpy has no bfloat16, so view the raw bytes as uint8 first; no copy either way.
-    payload = memoryview(wire.view(torch.uint8).numpy()).cast("B")
+            wire_dtype = "float32"  # coding would not pay: the plain bytes (already checked finite)
+        else:
+            owner, coded_bytes = coded
+    payload = memoryview(owner.numpy()).cast("B")
     return WireVector(
         payload=payload,
-        wire_dtype=spec.name,
-        element_count=wire.numel(),
+        wire_dtype=wire_dtype,  # type: ignore[arg-type]
+        element_count=flat.numel(),
         checksum=payload_crc32(payload),
         shape=shape,
-        _owner=wire,
+        _owner=owner,
+        coded_bytes=coded_bytes,
     )
 
 
