@@ -354,7 +354,8 @@ def test_a_vector_stalled_on_the_stream_is_aborted_but_an_idle_stream_is_not() -
 
 def test_a_timeout_mid_vector_reopens_the_stream_for_the_next_push() -> None:
     length = 4 << 20  # 16 MiB in 64 KiB chunks: far from done after 20 ms
-    vector = prepare_vector(torch.randn(length, generator=torch.Generator().manual_seed(5)))
+    sent = torch.randn(length, generator=torch.Generator().manual_seed(5))
+    vector = prepare_vector(sent)
 
     async def scenario() -> None:
         async with (
@@ -377,7 +378,7 @@ def test_a_timeout_mid_vector_reopens_the_stream_for_the_next_push() -> None:
             assert ack.accepted, ack.reason
             assert node.server.push_stream_calls_started == 2
             received = await node.inbox.wait_for(1, 0, {"a"}, timeout=1.0)
-            assert torch.equal(received["a"], vector._owner)
+            assert torch.equal(received["a"], sent)
 
     run(scenario)
 
