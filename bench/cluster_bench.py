@@ -17,6 +17,8 @@ Systems, all on the same model, per-node batch, data split and per-node random s
   one-peer-exp-eager   the same with --pace off (every vector pushed as soon as it exists)
   ring-bf16      dpgan-agent, ring, t = 1, bfloat16 on the wire
   one-peer-exp-huffman one-peer exponential, float32-huffman on the wire (float32's bits, exponents coded)
+  one-peer-exp-auto    one-peer exponential, float32-auto on the wire (the agent's default: float32's bits,
+                 exponents coded when the measured link is slow enough for it to pay)
   one-peer-exp-bf16    one-peer exponential, bfloat16 on the wire
   one-peer-exp-int8    one-peer exponential, compressed gossip (CHOCO, error feedback): int8, γ = 1
   one-peer-exp-topk    the same with top-k, 1 % of the entries per message, γ = 0.04
@@ -126,10 +128,10 @@ class System:
     def update_rule(self) -> tuple[str, ...]:
         """Systems with equal update rules compute the same iterates (one quality run stands for all):
         pacing changes when vectors travel, not what is computed; all-reduce and PS both run CPOSG;
-        float32-huffman carries float32's bits exactly."""
+        float32-huffman and float32-auto carry float32's bits exactly."""
         if self.kind != "agent":
             return ("cposg", self.compression)
-        wire = "float32" if self.wire_dtype == "float32-huffman" else self.wire_dtype
+        wire = "float32" if self.wire_dtype in ("float32-huffman", "float32-auto") else self.wire_dtype
         return ("dposg", self.topology, str(self.rounds), wire, self.compression)
 
 
@@ -152,6 +154,13 @@ SYSTEMS: dict[str, System] = {
             "agent",
             topology="one_peer_exponential",
             wire_dtype="float32-huffman",
+        ),
+        System(
+            "one-peer-exp-auto",
+            "DPOSG one-peer exponential, float32-auto wire (default)",
+            "agent",
+            topology="one_peer_exponential",
+            wire_dtype="float32-auto",
         ),
         System("ring-bf16", "DPOSG ring, t=1, bf16 wire", "agent", wire_dtype="bfloat16"),
         System(
@@ -762,7 +771,7 @@ def goal_lines(results: list[LaunchResult]) -> list[str]:
         (name, base, bound)
         for name in ("one-peer-exp-int8", "one-peer-exp-topk", "one-peer-exp-randk")
         for base, bound in (("allreduce", 0.3), ("allreduce-fp16", 0.6))
-    ] + [("one-peer-exp-huffman", "allreduce", 0.6)]
+    ] + [("one-peer-exp-huffman", "allreduce", 0.6), ("one-peer-exp-auto", "allreduce", 0.6)]
     for name, base, bound in [
         ("ring", "ps", 0.25),
         ("one-peer-exp", "ps", 0.25),
@@ -1068,6 +1077,7 @@ def quality_goal_lines(table: dict[tuple[str, int], dict[str, Any]], args: argpa
     for name, base, bound in (
         ("one-peer-exp", "allreduce", 0.6),
         ("one-peer-exp-huffman", "allreduce", 0.6),
+        ("one-peer-exp-auto", "allreduce", 0.6),
         ("one-peer-exp-int8", "allreduce", 0.3),
         ("one-peer-exp-int8", "allreduce-fp16", 0.6),
         ("one-peer-exp-topk", "allreduce", 0.3),
@@ -1282,6 +1292,7 @@ QUALITY_SETTINGS = (
 EXTRA_STYLES = {
     "one-peer-exp-bf16": ((120, 120, 120), "one-peer exp., bf16 wire"),
     "one-peer-exp-huffman": ((200, 80, 80), "one-peer exp., float32-huffman wire"),
+    "one-peer-exp-auto": ((230, 120, 60), "one-peer exp., float32-auto wire (default)"),
     "one-peer-exp-int8": ((120, 40, 160), "one-peer exp., CHOCO int8"),
     "one-peer-exp-topk": ((0, 90, 60), "one-peer exp., CHOCO top-k 1 %"),
     "one-peer-exp-randk": ((150, 110, 0), "one-peer exp., CHOCO rand-k 1 %"),

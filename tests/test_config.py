@@ -9,6 +9,7 @@ import pytest
 
 from agent.configfile import config_from_args, read_yaml
 from agent.core.config import ConfigError, build_config
+from agent.node.runs import config_differences
 
 
 def test_dataset_defaults_fill_unset_keys() -> None:
@@ -91,3 +92,22 @@ def test_a_bad_value_from_a_config_file_names_the_file(tmp_path: Path) -> None:
     path.write_text("dataset: ring8\ncompression: topk\n")
     with pytest.raises(ConfigError, match=rf"use compression none \(config file {path} sets compression\)$"):
         config_from_args(argparse.Namespace(config=path, algorithm="cposg"))
+
+
+def test_the_float32_wires_are_one_configuration(tmp_path: Path) -> None:
+    """float32, float32-huffman and float32-auto (the default) carry the same bits and every receiver of
+    theirs takes both encodings: they hash and compare as float32, so run ids from before float32-auto
+    stay, nodes with either setting train together, and a checkpoint resumes under another of them."""
+    before = build_config({"dataset": "ring8", "wire_dtype": "float32"})
+    assert build_config({"dataset": "ring8"}).wire_dtype == "float32-auto"
+    for wire in ("float32-huffman", "float32-auto"):
+        config = build_config({"dataset": "ring8", "wire_dtype": wire})
+        assert config.config_hash() == before.config_hash()
+        assert config.effective_run_id() == before.effective_run_id()
+        assert config.cluster_dict()["wire_dtype"] == "float32"
+        assert config_differences(before.to_dict(), config) == []
+        assert config_differences(config.to_dict(), before) == []
+    bf16 = build_config({"dataset": "ring8", "wire_dtype": "bfloat16"})
+    assert bf16.config_hash() != before.config_hash()
+    assert config_differences(bf16.to_dict(), before) == ["wire_dtype"]
+    assert build_config({"dataset": "ring8", "compression": "int8"}).wire_dtype == "float32-auto"

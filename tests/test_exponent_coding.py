@@ -186,7 +186,8 @@ def test_decode_checks_sizes_itself() -> None:
 
 def test_a_run_takes_plain_vectors_only_in_its_own_wire_dtype() -> None:
     """A handshaken peer's push in another dtype than the run's (a bfloat16 vector into a float32 run)
-    is refused, naming both; a float32-huffman run also takes plain float32 (its senders' fallback)."""
+    is refused, naming both; runs on any float32 wire (float32, float32-huffman, float32-auto: the same
+    bits) take both float32 and float32-huffman."""
     vector = _weights(COUNT)
 
     def decoded(wire_dtype: str, run: str) -> torch.Tensor:
@@ -194,12 +195,15 @@ def test_a_run_takes_plain_vectors_only_in_its_own_wire_dtype() -> None:
         expected = ExpectedVector(element_count=COUNT, gossip=GossipKind(wire_dtype=run))
         return decode_vector(chunks, expected).vector
 
-    for wire_dtype, run in [("bfloat16", "float32"), ("float32-huffman", "float32"), ("float32", "bfloat16"),
-                            ("float16", "float32-huffman"), ("bfloat16", "float16")]:  # fmt: skip
+    for wire_dtype, run in [("bfloat16", "float32"), ("float32-huffman", "bfloat16"), ("float32", "bfloat16"),
+                            ("float16", "float32-huffman"), ("bfloat16", "float16"),
+                            ("bfloat16", "float32-auto"), ("float16", "float32-auto")]:  # fmt: skip
         with pytest.raises(WireError) as caught:
             decoded(wire_dtype, run)
         assert caught.value.kind is WireErrorKind.BAD_DTYPE
         assert f"travel as {run} (wire_dtype), not {wire_dtype}" in str(caught.value)
     for wire_dtype, run in [("float32", "float32"), ("float32", "float32-huffman"),
-                            ("float32-huffman", "float32-huffman"), ("bfloat16", "bfloat16")]:  # fmt: skip
+                            ("float32-huffman", "float32-huffman"), ("bfloat16", "bfloat16"),
+                            ("float32", "float32-auto"), ("float32-huffman", "float32-auto"),
+                            ("float32-huffman", "float32")]:  # fmt: skip
         assert decoded(wire_dtype, run).dtype == torch.float32

@@ -31,7 +31,9 @@ SPLITS = ("iid", "shards", "label_skew")
 LOSSES = ("nonsaturating", "wgan_gp", "hinge")
 MODEL_FAMILIES = ("mlp", "dcgan")
 WEIGHTINGS = ("metropolis", "uniform")
-WIRE_DTYPES = ("float32", "bfloat16", "float16", "float32-huffman")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "float32-huffman", "float32-auto")
+# Wire dtypes that carry float32's bits exactly (the run is float32's; only the bytes differ).
+FLOAT32_WIRES = ("float32", "float32-huffman", "float32-auto")
 COMPRESSIONS = ("none", "int8", "topk", "randk")
 # Keys that only mean something with compressed gossip: left out of cluster_dict() (so of config_hash and
 # the default run id) while compression is none, so configurations written before they existed keep their
@@ -87,8 +89,10 @@ class TrainConfig:
     weights: str = _cluster("metropolis", f"mixing weights: {', '.join(WEIGHTINGS)}")
     rounds: int = _cluster(1, "gossip rounds t per iteration")
     wire_dtype: str = _cluster(
-        "float32",
-        f"dtype on the wire: {', '.join(WIRE_DTYPES)} (float32's bits with the exponent bytes Huffman-coded)",
+        "float32-auto",
+        f"dtype on the wire: {', '.join(WIRE_DTYPES)}; float32-huffman: float32's bits with the exponent "
+        "bytes Huffman-coded; float32-auto: float32's bits, coded per vector when the measured link is "
+        "slow enough for the coding to pay",
     )
     compression: str = _cluster(
         "none",
@@ -137,7 +141,7 @@ class TrainConfig:
             names = tuple(name for name in names if name not in COMPRESSION_KEYS)
         if not self.overlap:
             names = tuple(name for name in names if name != "overlap")
-        return {name: getattr(self, name) for name in names}
+        return {name: comparable_value(name, getattr(self, name)) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +166,17 @@ def compared_keys() -> tuple[str, ...]:
     checkpoint's configuration and the current one: every cluster key but the simulator-only ones."""
     fields = dataclasses.fields(TrainConfig)
     return tuple(f.name for f in fields if f.metadata["cluster"] and not f.metadata["simulator"])
+
+
+def comparable_value(key: str, value: Any) -> Any:
+    """A cluster key's value as agents compare it (handshake, ``config_hash``, a checkpoint's
+    configuration). The float32 wires (float32, float32-huffman, float32-auto) carry the same bits and
+    their receivers take both encodings, so they compare equal, as ``float32``: nodes configured with
+    any of them train together, and hashes and checkpoints from before float32-auto (the default since)
+    keep their run ids and resume."""
+    if key == "wire_dtype" and value in FLOAT32_WIRES:
+        return "float32"
+    return value
 
 
 def default_run_id(config_hash: str) -> str:
@@ -340,10 +355,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("consensus_step: applies only with compression int8, topk or randk, not none")
     if config.consensus_step is not None and not 0.0 < config.consensus_step <= 1.0:
         raise ConfigError(f"consensus_step: must be in (0, 1], got {config.consensus_step!r}")
-    if config.compression != "none" and config.wire_dtype != "float32":
+    if config.compression != "none" and config.wire_dtype not in ("float32", "float32-auto"):
         raise ConfigError(
             f"wire_dtype: compression {config.compression!r} sends its own codes (and float32 resets); "
-            f"leave wire_dtype at float32, not {config.wire_dtype!r}"
+            f"leave wire_dtype at float32-auto (the default) or float32, not {config.wire_dtype!r}"
         )
     if config.overlap and config.algorithm == "cposg":
         raise ConfigError(

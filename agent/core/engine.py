@@ -38,10 +38,12 @@ RowsFn = Callable[[int], Sequence[Row]]  # global gossip round index -> one mixi
 BatchedGradientFn = Callable[[torch.Tensor], torch.Tensor]  # (n, d) points -> (n, d) gradients, row i = T_i
 
 # ``wire_dtype`` (the configuration key) -> the dtype neighbours' vectors are rounded to; float32: none
-# (the agents send float32 state exactly; float32-huffman codes the same bits losslessly).
+# (the agents send float32 state exactly; float32-huffman codes the same bits losslessly, float32-auto
+# sends either).
 WIRE_ROUNDING: dict[str, torch.dtype | None] = {
     "float32": None,
     "float32-huffman": None,
+    "float32-auto": None,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
@@ -191,7 +193,7 @@ class VirtualCluster:
 def _compressed(compression: CompressedGossip | None, wire_dtype: str, nodes: int) -> _ChocoState | None:
     if compression is None:
         return None
-    if wire_dtype != "float32":
+    if wire_dtype not in ("float32", "float32-auto"):  # float32-auto: the default, float32 resets here
         raise ValueError(
             f"compressed gossip sends float32 resets and its own codes; wire_dtype {wire_dtype!r} "
             "does not apply"

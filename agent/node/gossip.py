@@ -29,6 +29,7 @@ from agent.transport.frames import prepare_vector
 from agent.transport.inbox import Inbox, InboxMessage
 from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer
+from agent.transport.wire_choice import WireChoice
 
 PUSH_RETRY_SECONDS = 0.01
 # A call that took this much longer than its timeout means this process was frozen meanwhile (the
@@ -99,6 +100,8 @@ class GossipRounds:
         self.stop_event = stop_event
         self.log = log
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
+        # wire_dtype float32-auto: per vector, float32 or float32-huffman, whichever is faster here.
+        self.wire_choice = WireChoice() if settings.wire_dtype == "float32-auto" else None
         self.freezes = FreezeDetector()  # started by the first round, on the running loop
         self._pending_announcements: set[asyncio.Future[bool]] = set()
         self._received_cursor = server.bytes_received
@@ -106,6 +109,16 @@ class GossipRounds:
     def paced(self) -> bool:
         pace = self.settings.pace
         return pace == "on" or (pace == "auto" and self.views.schedule.period > 1)
+
+    def _wire_dtype(self) -> str:
+        """The dtype of this round's vector: the run's, or for float32-auto the wire choice's."""
+        if self.wire_choice is None:
+            return self.settings.wire_dtype
+        wire_dtype, changed = self.wire_choice.next_wire_dtype()
+        if changed:
+            state = "on" if self.wire_choice.coding else "off"
+            self.log.info(f"float32-auto: exponent coding {state}", **self.wire_choice.describe())
+        return wire_dtype
 
     async def _announce(self, node_id: str, iteration: int, round_: int) -> bool:
         """Tell a neighbour of this round that we entered it; False if it cannot be reached."""
@@ -204,6 +217,9 @@ class GossipRounds:
                         chunk_bytes=self.settings.chunk_bytes,
                         timeout=timeout,
                     )
+                    if self.wire_choice is not None:
+                        pushed = client.bytes_sent - sent_before
+                        self.wire_choice.observe_push(pushed, time.monotonic() - call_started)
                 finally:
                     traffic.bytes_sent += client.bytes_sent - sent_before
                 # A neighbour still finishing an earlier round refuses us as too far ahead; it will get
@@ -333,7 +349,10 @@ class GossipRounds:
         sent: dict[str, Any] = {}
         try:
             if edges is None:
-                wire = await self.in_compute(prepare_vector, x, self.settings.wire_dtype)
+                wire_dtype = self._wire_dtype()
+                wire = await self.in_compute(prepare_vector, x, wire_dtype)
+                if self.wire_choice is not None and wire_dtype == "float32-huffman":
+                    self.wire_choice.observe_coding(4 * x.numel(), wire.payload_bytes, wire.coding_seconds)
                 wires = dict.fromkeys(live, wire)
             else:
                 prepared = await self.in_compute(edges.outgoing, x, live, views.index, round_index, view)

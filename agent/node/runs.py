@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint import Checkpoint, CheckpointError, Latest, load_checkpoint, load_latest
-from agent.core.config import TrainConfig, compared_keys, default_run_id
+from agent.core.config import TrainConfig, comparable_value, compared_keys, default_run_id
 from agent.files import PREVIOUS_FOLDER, clear_run_files, previous_run_files, remove_stale_temporaries
 from agent.node.options import AgentOptions
 from agent.node.recorder import CHECKPOINT_NAME, FINAL_NAME
@@ -35,7 +35,7 @@ def config_differences(stored: Mapping[str, Any], config: TrainConfig) -> list[s
     """The cluster-wide keys (sorted) whose value in ``stored`` (the configuration a checkpoint records)
     differs from ``config``'s. ``iterations`` is not compared: the goal may grow on resume."""
     current = {k: v for k, v in config.cluster_dict().items() if k != "iterations"}
-    return sorted(k for k, v in current.items() if stored.get(k) != v)
+    return sorted(k for k, v in current.items() if comparable_value(k, stored.get(k)) != v)
 
 
 def run_differences(stored: Mapping[str, Any], config: TrainConfig) -> list[str]:
@@ -63,7 +63,7 @@ def archive_label(checkpoint: Checkpoint) -> str:
     written before the run id was stored) ``cfg-`` and a prefix of its configuration's hash."""
     label = checkpoint.run_id or checkpoint.config.get("run_id")
     if not isinstance(label, str) or not label:
-        cluster = {k: v for k, v in checkpoint.config.items() if k in _CLUSTER_KEYS}
+        cluster = {k: comparable_value(k, v) for k, v in checkpoint.config.items() if k in _CLUSTER_KEYS}
         canonical = json.dumps(cluster, sort_keys=True, separators=(",", ":"), allow_nan=False)
         label = default_run_id(hashlib.sha256(canonical.encode()).hexdigest())
     return _UNSAFE.sub("_", label)[:63].strip("._") or "run"

@@ -16,6 +16,7 @@ import torch
 
 from agent.core.choco import EdgeMessage
 from agent.core.compression import Compressed, CompressionError, Compressor, decompress
+from agent.core.config import FLOAT32_WIRES
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 
 # Wire dtype name -> proto enum, for compressed payloads (float32 resets use the plain FLOAT32 dtype).
@@ -32,8 +33,9 @@ MAX_INT8_BLOCK: Final = 1 << 20
 class GossipKind:
     """What a receiver's run gossips, for refusing pushes of another kind (``ExpectedVector.gossip``).
 
-    ``compressor`` None: plain vectors (no edge header) in the run's ``wire_dtype`` (a ``float32-huffman``
-    run also takes plain float32, which its senders send when coding does not pay). Otherwise compressed
+    ``compressor`` None: plain vectors (no edge header) in the run's ``wire_dtype``; a run on one of the
+    float32 wires (float32, float32-huffman, float32-auto: the same bits, compared equal at the handshake)
+    takes both float32 and float32-huffman. Otherwise compressed
     differences of exactly this compressor (its kind, and its kept count or int8 block for the receiver's
     vector length), plus float32 resets."""
 
@@ -44,7 +46,7 @@ class GossipKind:
         """Why a plain vector sent as ``wire_dtype`` is not of this run's gossip; None if it is."""
         if self.compressor is not None:
             return None  # refusal() covers compressed runs: plain pushes are refused there
-        accepted = {self.wire_dtype, "float32"} if self.wire_dtype == "float32-huffman" else {self.wire_dtype}
+        accepted = {"float32", "float32-huffman"} if self.wire_dtype in FLOAT32_WIRES else {self.wire_dtype}
         if wire_dtype in accepted:
             return None
         return f"this run's vectors travel as {self.wire_dtype} (wire_dtype), not {wire_dtype}"

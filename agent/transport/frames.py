@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -187,6 +188,9 @@ class WireVector:
     edge: pb.EdgeCopy | None = None
     # float32-huffman: bytes of the coded exponent plane at the end of the payload (0 otherwise).
     coded_bytes: int = 0
+    # float32-huffman: seconds the sender spent coding (also when the coding did not pay and the vector
+    # went as float32); what wire_dtype float32-auto weighs against the link time it saves.
+    coding_seconds: float = 0.0
 
     @property
     def payload_bytes(self) -> int:
@@ -219,9 +223,11 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
             )
         raise ValueError("refusing to send a vector containing NaN or inf")
     # numpy has no bfloat16, so view the raw bytes as uint8 first; no copy either way.
-    owner, wire_dtype, coded_bytes = wire.view(torch.uint8), spec.name, 0
+    owner, wire_dtype, coded_bytes, coding_seconds = wire.view(torch.uint8), spec.name, 0, 0.0
     if spec.name == "float32-huffman":
+        started = time.perf_counter()
         coded = exponent_coding.encode(flat)
+        coding_seconds = time.perf_counter() - started
         if coded is None:
             wire_dtype = "float32"  # coding would not pay: the plain bytes (already checked finite)
         else:
@@ -235,6 +241,7 @@ def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVec
         shape=shape,
         _owner=owner,
         coded_bytes=coded_bytes,
+        coding_seconds=coding_seconds,
     )
 
 

@@ -1,0 +1,120 @@
+"""``wire_dtype: float32-auto``: per vector, send float32's bits plain or with the exponent bytes coded
+(``float32-huffman``, ``agent.transport.exponent_coding``), whichever the node's measurements say is
+faster. Both carry the same bits, so the choice never changes the run, only its speed.
+
+Coding pays when the link time it saves is more than the CPU it costs::
+
+    saving · b / r  >  (c_enc + c_dec) · b      ⇔      r  <  saving / (c_enc + c_dec)
+
+with b the vector's float32 bytes, r the node's push rate (bytes/s, measured per push: wire bytes over
+the call's wall time), ``saving`` the fraction of bytes the coding removes (measured on the vectors this
+node coded; ~0.17 for GAN parameters) and c_enc, c_dec the coding and decoding cost in s/byte (c_enc
+measured here; the receiver's c_dec is assumed equal, the measured decode being 0.2–0.8× the encode).
+The size b cancels: the decision is a rate threshold, ~170 Mbit/s with the priors below on the
+development VM (docs/compression.md). Per-call latency makes small pushes look slower than the link;
+that can only pick coding for small vectors, where either choice costs well under a millisecond.
+
+A hysteresis band (switch on above 1.25×, off below 0.8× break-even) keeps a rate near the threshold
+from flipping the choice every round. The decision is a pure function of the measurements
+(``decide``); ``WireChoice`` keeps them, fed by the agent's pushes and codings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIOR_SAVING = 0.17  # fraction of a float32 vector's bytes the coding saves (measured 0.17 on GAN models)
+PRIOR_CODE_SECONDS_PER_BYTE = 4e-9  # encode cost; measured 2-4.5 ms per MB on the development VM
+DECODE_PER_ENCODE = 1.0  # the receiver's decode, assumed as dear as the encode (measured 0.2-0.8x)
+SMOOTHING = 0.25  # weight of a new observation in the exponential moving averages
+SWITCH_ON = 1.25  # code when the saved link time exceeds this multiple of the coding cost
+SWITCH_OFF = 0.8  # ... and stop when it falls below this multiple
+REPROBE_EVERY = 100  # plain vectors between two coded ones while the measured saving alone says no
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What the decision depends on; None: not measured yet."""
+
+    push_rate: float | None  # bytes/s over the node's recent pushes
+    saving: float  # fraction of a float32 vector's bytes the coding removes, in [0, 1)
+    code_seconds_per_byte: float  # encode cost per float32 byte
+
+
+def benefit(m: Measurements) -> float | None:
+    """Saved link time over coding cost, per vector (size-free: both scale with it); None while the
+    push rate is unknown."""
+    if m.push_rate is None or m.push_rate <= 0:
+        return None
+    cost = m.code_seconds_per_byte * (1.0 + DECODE_PER_ENCODE)
+    return (m.saving / m.push_rate) / cost if cost > 0 else float("inf")
+
+
+def decide(m: Measurements, coding: bool, plain_since_coded: int) -> str:
+    """How to send the next vector: ``"code"``, ``"plain"``, or ``"probe"`` (code this one to re-measure
+    the saving, the choice staying plain). ``coding``: the current choice (for the hysteresis band);
+    ``plain_since_coded``: plain vectors sent since the last coded one."""
+    ratio = benefit(m)
+    if ratio is None:
+        return "plain"  # the first push measures the link
+    if ratio > (SWITCH_OFF if coding else SWITCH_ON):
+        return "code"
+    # The measured saving may be stale (a model's exponents change as it trains): re-measure now and then
+    # when the prior saving would pay at this rate.
+    with_prior = benefit(Measurements(m.push_rate, PRIOR_SAVING, m.code_seconds_per_byte))
+    if with_prior is not None and with_prior > SWITCH_ON and plain_since_coded >= REPROBE_EVERY:
+        return "probe"
+    return "plain"
+
+
+class WireChoice:
+    """The sender's running measurements and its current choice; not thread-safe (the event loop's)."""
+
+    def __init__(self) -> None:
+        self.push_rate: float | None = None
+        self.saving = PRIOR_SAVING
+        self.code_seconds_per_byte = PRIOR_CODE_SECONDS_PER_BYTE
+        self.coding = False
+        self.plain_since_coded = 0
+
+    def measurements(self) -> Measurements:
+        return Measurements(self.push_rate, self.saving, self.code_seconds_per_byte)
+
+    def next_wire_dtype(self) -> tuple[str, bool]:
+        """The next vector's wire dtype (``float32-huffman`` or ``float32``), and whether the choice
+        changed with it (for the caller's log; a probe codes one vector and leaves the choice plain)."""
+        was = self.coding
+        decision = decide(self.measurements(), self.coding, self.plain_since_coded)
+        self.coding = decision == "code"
+        self.plain_since_coded = 0 if decision != "plain" else self.plain_since_coded + 1
+        return ("float32" if decision == "plain" else "float32-huffman"), self.coding != was
+
+    def describe(self) -> dict[str, float | None]:
+        """The measurements in an operator's units (for logs)."""
+        rate = self.push_rate
+        return {
+            "push_rate_mbit_s": None if rate is None else round(rate * 8e-6, 1),
+            "saving": round(self.saving, 3),
+            "coding_ms_per_mb": round(self.code_seconds_per_byte * 1e9, 2),
+        }
+
+    def observe_push(self, wire_bytes: int, seconds: float) -> None:
+        """A push that delivered ``wire_bytes`` in ``seconds`` of wall time (call start to ack)."""
+        if wire_bytes <= 0 or seconds <= 0:
+            return
+        rate = wire_bytes / seconds
+        self.push_rate = rate if self.push_rate is None else _smooth(self.push_rate, rate)
+
+    def observe_coding(self, float32_bytes: int, wire_bytes: int, seconds: float) -> None:
+        """A vector of ``float32_bytes`` coded to ``wire_bytes`` (equal: the coding did not pay and the
+        vector went plain) in ``seconds`` of CPU."""
+        if float32_bytes <= 0:
+            return
+        saving = max(0.0, 1.0 - wire_bytes / float32_bytes)
+        self.saving = _smooth(self.saving, saving)
+        if seconds > 0:
+            self.code_seconds_per_byte = _smooth(self.code_seconds_per_byte, seconds / float32_bytes)
+
+
+def _smooth(previous: float, new: float) -> float:
+    return (1.0 - SMOOTHING) * previous + SMOOTHING * new

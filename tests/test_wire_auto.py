@@ -1,0 +1,61 @@
+"""wire_dtype float32-auto (the default) on real links: agents on hosts whose links are shaped to
+20 Mbit/s code their vectors' exponent bytes (fewer bytes per iteration) and still compute float32's run
+bit for bit; the decision itself is tested in tests/test_wire_choice.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.checkpoint import load_checkpoint
+from agent.cli import main
+from tests.agents import EQUIVALENCE_FLAGS, log_events, wait_all
+from tests.netns import NetnsCluster
+
+pytest_plugins = ["tests.netns"]
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+
+PORT = 7070
+NODES = 3
+
+
+@pytest.mark.timeout(150)
+def test_agents_code_on_a_slow_link_and_keep_float32_bit_for_bit(netns_cluster, tmp_path: Path) -> None:
+    cluster: NetnsCluster = netns_cluster(NODES, subnet="10.79.0.0/24")
+    addresses = [f"{host.address}:{PORT}" for host in cluster.hosts]
+    processes = []
+    for i, host in enumerate(cluster.hosts):
+        cluster.set_rate(host, 20)
+        out = tmp_path / "agents" / f"node-{i}"
+        out.mkdir(parents=True)
+        argv = [
+            sys.executable, "-m", "agent.cli", "--listen", addresses[i], "--node-id", f"node-{i}",
+            "--peers", ",".join(a for j, a in enumerate(addresses) if j != i), "--insecure",
+            "--out", str(out), "--log-format", "json", "--startup-timeout", "60", *EQUIVALENCE_FLAGS,
+        ]  # no --wire-dtype: float32-auto is the default  # fmt: skip
+        with (out / "agent.log").open("w") as log:
+            env = os.environ | {"PYTHONUNBUFFERED": "1"}
+            processes.append(cluster.popen(host, argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+    assert main(["simulate", *EQUIVALENCE_FLAGS, "--nodes", str(NODES), "--out", str(tmp_path / "sim")]) == 0
+    assert wait_all(processes, timeout=120) == [0] * NODES
+    for i in range(NODES):
+        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
+        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
+        assert agent.iteration == simulated.iteration == 50
+        for name, tensor in simulated.parameters.items():
+            assert torch.equal(tensor, agent.parameters[name]), f"node {i}: {name} differs"
+        for name, tensor in simulated.optimizer.items():
+            assert torch.equal(tensor, agent.optimizer[name]), f"node {i}: optimizer {name} differs"
+        events = log_events(tmp_path / "agents" / f"node-{i}" / "agent.log")
+        switched = [e for e in events if e.get("event") == "float32-auto: exponent coding on"]
+        assert switched, f"node {i} never coded at 20 Mbit/s"
+        assert switched[0]["push_rate_mbit_s"] < 30, switched[0]
+        # Each iteration pushes x to both ring neighbours in each of the 2 rounds: 4 vectors.
+        plain = 4 * 4 * sum(tensor.numel() for tensor in agent.parameters.values())
+        sent = [e["bytes_sent"] for e in events if e.get("event") == "iteration" and e["iteration"] > 5]
+        assert sent and max(sent) < 0.9 * plain, f"node {i} sent {max(sent)} bytes an iteration of {plain}"
