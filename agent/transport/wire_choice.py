@@ -7,7 +7,7 @@ Coding pays when the link time it saves is more than the CPU it costs::
     saving · b / r  >  (c_enc + c_dec) · b      ⇔      r  <  saving / (c_enc + c_dec)
 
 with b the vector's float32 bytes, r the node's push rate (bytes/s, measured per push: wire bytes over
-the call's wall time), ``saving`` the fraction of bytes the coding removes (measured on the vectors this
+the call's wall time, averaged as seconds per byte), ``saving`` the fraction of bytes the coding removes (measured on the vectors this
 node coded; ~0.17 for GAN parameters) and c_enc, c_dec the coding and decoding cost in s/byte (c_enc
 measured here; the receiver's c_dec is assumed equal, the measured decode being 0.2–0.8× the encode).
 The size b cancels: the decision is a rate threshold, ~170 Mbit/s with the priors below on the
@@ -36,7 +36,7 @@ REPROBE_EVERY = 100  # plain vectors between two coded ones while the measured s
 class Measurements:
     """What the decision depends on; None: not measured yet."""
 
-    push_rate: float | None  # bytes/s over the node's recent pushes
+    push_rate: float | None  # bytes/s of the node's recent pushes
     saving: float  # fraction of a float32 vector's bytes the coding removes, in [0, 1)
     code_seconds_per_byte: float  # encode cost per float32 byte
 
@@ -71,11 +71,18 @@ class WireChoice:
     """The sender's running measurements and its current choice; not thread-safe (the event loop's)."""
 
     def __init__(self) -> None:
-        self.push_rate: float | None = None
+        # The average is kept of seconds per byte, the quantity the saved time is linear in (an average of
+        # rates would take many slow pushes to notice a link that became slow).
+        self.seconds_per_byte: float | None = None
         self.saving = PRIOR_SAVING
         self.code_seconds_per_byte = PRIOR_CODE_SECONDS_PER_BYTE
         self.coding = False
         self.plain_since_coded = 0
+
+    @property
+    def push_rate(self) -> float | None:
+        """Bytes/s of the node's recent pushes; None before the first."""
+        return None if self.seconds_per_byte is None else 1.0 / self.seconds_per_byte
 
     def measurements(self) -> Measurements:
         return Measurements(self.push_rate, self.saving, self.code_seconds_per_byte)
@@ -102,8 +109,9 @@ class WireChoice:
         """A push that delivered ``wire_bytes`` in ``seconds`` of wall time (call start to ack)."""
         if wire_bytes <= 0 or seconds <= 0:
             return
-        rate = wire_bytes / seconds
-        self.push_rate = rate if self.push_rate is None else _smooth(self.push_rate, rate)
+        per_byte = seconds / wire_bytes
+        previous = self.seconds_per_byte
+        self.seconds_per_byte = per_byte if previous is None else _smooth(previous, per_byte)
 
     def observe_coding(self, float32_bytes: int, wire_bytes: int, seconds: float) -> None:
         """A vector of ``float32_bytes`` coded to ``wire_bytes`` (equal: the coding did not pay and the
