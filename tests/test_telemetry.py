@@ -63,6 +63,10 @@ def test_a_finished_agent_reports_its_run_on_the_metrics_endpoint(tmp_path: Path
         for metric, number in final["quality"].items():
             assert value(samples, "dpgan_quality", **node, metric=metric) == pytest.approx(number)
         assert value(samples, "dpgan_loss", **node, player="generator") == pytest.approx(final["loss_g"])
+        # float32-auto (the default wire) with no neighbour: nothing sent, nothing measured.
+        assert value(samples, "dpgan_wire_coding", **node) == 0
+        assert "dpgan_push_rate_bytes_per_second" not in samples
+        assert sum(v for _, v in samples["dpgan_wire_vectors_total"]) == 0
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -70,3 +74,26 @@ def test_a_finished_agent_reports_its_run_on_the_metrics_endpoint(tmp_path: Path
     time.sleep(0.2)
     with pytest.raises(OSError):
         scrape(url)  # the endpoint went away with the agent
+
+
+def test_float32_auto_reports_its_choice_on_the_metrics_endpoint(tmp_path: Path) -> None:
+    """Two agents on the default wire (float32-auto): every vector sent is counted by the wire dtype
+    chosen, beside the push rate the choice was made on."""
+    processes, _ = start_agents(tmp_path, 2, [*FLAGS, "--min-peers", "1"])
+    log = tmp_path / "node-0" / "agent.log"
+    try:
+        announced = wait_for_event(log, lambda e: e.get("event") == "metrics", 60)
+        assert announced is not None
+        serving = wait_for_event(log, lambda e: e.get("event", "").startswith("run finished; serving"), 90)
+        assert serving is not None
+        samples = scrape(announced["url"])
+        node = {"node": "node-0"}
+        by_dtype = {labels["wire_dtype"]: v for labels, v in samples["dpgan_wire_vectors_total"]}
+        assert set(by_dtype) == {"float32", "float32-huffman"}
+        assert 30 <= sum(by_dtype.values()) <= 40  # one vector per round with a neighbour: 40 rounds
+        assert value(samples, "dpgan_push_rate_bytes_per_second", **node) > 0
+        assert value(samples, "dpgan_wire_coding", **node) in (0, 1)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        assert wait_all(processes, timeout=20) == [0, 0]

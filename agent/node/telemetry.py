@@ -17,6 +17,9 @@ every series. Series (units in the name, as Prometheus recommends):
 | dpgan_iterations_alone_total | counter | iterations trained with no neighbour |
 | dpgan_compute_seconds_total / dpgan_round_wait_seconds_total | counter | local steps / gossip rounds |
 | dpgan_sent_bytes_total{peer} / dpgan_received_bytes_total{peer} | counter | gossip bytes per peer |
+| dpgan_wire_coding | gauge (0/1) | `wire_dtype: float32-auto` only: 1 while exponents are coded |
+| dpgan_push_rate_bytes_per_second | gauge | `float32-auto` only: the push rate it decides on |
+| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors sent, by wire dtype |
 | dpgan_checkpoint_age_seconds | gauge | since checkpoint.safetensors was written |
 | dpgan_quality{metric} | gauge | the last evaluation (modes_covered, high_quality, ...) |
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -108,6 +111,7 @@ class AgentCollector(Collector):
         for peer, count in agent.server.bytes_received_by_peer.items():
             received.add_metric([*values, peer], count)
         yield received
+        yield from self._wire_choice(gauge, names, values)
         try:
             age = time.time() - (agent.options.out / CHECKPOINT_NAME).stat().st_mtime
             yield gauge("dpgan_checkpoint_age_seconds", "since the last checkpoint", max(0.0, age))
@@ -119,6 +123,24 @@ class AgentCollector(Collector):
             if isinstance(value, int | float) and math.isfinite(value):
                 quality.add_metric([*values, metric], float(value))
         yield quality
+
+    def _wire_choice(
+        self, gauge: Callable[[str, str, float], GaugeMetricFamily], names: list[str], values: list[str]
+    ) -> Iterator[Metric]:
+        """float32-auto's choice (agent.transport.wire_choice); nothing for other wire dtypes."""
+        choice = self.agent.gossip.wire_choice
+        if choice is None:
+            return
+        yield gauge("dpgan_wire_coding", "1 while float32-auto codes exponents", float(choice.coding))
+        rate = choice.push_rate
+        if rate is not None:
+            yield gauge("dpgan_push_rate_bytes_per_second", "push rate float32-auto decides on", rate)
+        vectors = CounterMetricFamily(
+            "dpgan_wire_vectors", "vectors sent, by wire dtype chosen", labels=[*names, "wire_dtype"]
+        )
+        for wire_dtype, count in dict(choice.vectors).items():
+            vectors.add_metric([*values, wire_dtype], count)
+        yield vectors
 
     def _rate(self, iteration: int) -> float:
         now = time.monotonic()

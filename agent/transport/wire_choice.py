@@ -7,9 +7,10 @@ Coding pays when the link time it saves is more than the CPU it costs::
     saving · b / r  >  (c_enc + c_dec) · b      ⇔      r  <  saving / (c_enc + c_dec)
 
 with b the vector's float32 bytes, r the node's push rate (bytes/s, measured per push: wire bytes over
-the call's wall time, averaged as seconds per byte), ``saving`` the fraction of bytes the coding removes (measured on the vectors this
-node coded; ~0.17 for GAN parameters) and c_enc, c_dec the coding and decoding cost in s/byte (c_enc
-measured here; the receiver's c_dec is assumed equal, the measured decode being 0.2–0.8× the encode).
+the call's wall time, averaged as seconds per byte), ``saving`` the fraction of bytes the coding removes
+(measured on the vectors this node coded; ~0.17 for GAN parameters) and c_enc, c_dec the coding and
+decoding cost in s/byte (c_enc measured here; the receiver's c_dec is assumed equal, the measured decode
+being 0.2–0.8× the encode).
 The size b cancels: the decision is a rate threshold, ~170 Mbit/s with the priors below on the
 development VM (docs/compression.md). Per-call latency makes small pushes look slower than the link;
 that can only pick coding for small vectors, where either choice costs well under a millisecond.
@@ -78,6 +79,7 @@ class WireChoice:
         self.code_seconds_per_byte = PRIOR_CODE_SECONDS_PER_BYTE
         self.coding = False
         self.plain_since_coded = 0
+        self.vectors = {"float32": 0, "float32-huffman": 0}  # vectors prepared, by wire dtype chosen
 
     @property
     def push_rate(self) -> float | None:
@@ -94,7 +96,9 @@ class WireChoice:
         decision = decide(self.measurements(), self.coding, self.plain_since_coded)
         self.coding = decision == "code"
         self.plain_since_coded = 0 if decision != "plain" else self.plain_since_coded + 1
-        return ("float32" if decision == "plain" else "float32-huffman"), self.coding != was
+        wire_dtype = "float32" if decision == "plain" else "float32-huffman"
+        self.vectors[wire_dtype] += 1
+        return wire_dtype, self.coding != was
 
     def describe(self) -> dict[str, float | None]:
         """The measurements in an operator's units (for logs)."""
