@@ -100,8 +100,10 @@ class GossipRounds:
         self.stop_event = stop_event
         self.log = log
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
-        # wire_dtype float32-auto: per vector, float32 or float32-huffman, whichever is faster here.
-        self.wire_choice = WireChoice() if settings.wire_dtype == "float32-auto" else None
+        # wire_dtype float32-auto: per vector, float32 or float32-huffman, whichever is faster here
+        # (compressed gossip sends its own codes: nothing to choose).
+        auto = settings.wire_dtype == "float32-auto" and self.edges is None
+        self.wire_choice = WireChoice() if auto else None
         self.freezes = FreezeDetector()  # started by the first round, on the running loop
         self._pending_announcements: set[asyncio.Future[bool]] = set()
         self._received_cursor = server.bytes_received

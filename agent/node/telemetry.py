@@ -127,7 +127,8 @@ class AgentCollector(Collector):
     def _wire_choice(
         self, gauge: Callable[[str, str, float], GaugeMetricFamily], names: list[str], values: list[str]
     ) -> Iterator[Metric]:
-        """float32-auto's choice (agent.transport.wire_choice); nothing for other wire dtypes."""
+        """float32-auto's choice (agent.transport.wire_choice); nothing for other wire dtypes or compressed
+        gossip."""
         choice = self.agent.gossip.wire_choice
         if choice is None:
             return
