@@ -140,6 +140,14 @@ def test_agent_topology_error_while_starting_exits_2(
 def test_config_difference_names_this_node_and_the_peer() -> None:
     text = describe_config_difference('{"lr": 0.0002, "seed": 1}', '{"lr": 0.5, "seed": 1}')
     assert text == "config keys differ: lr (this node: 0.0002, peer: 0.5)"
+    # The float32 wires compare as "float32": the message says which settings that stands for.
+    default = build_config({"dataset": "ring8"}).cluster_dict()
+    bf16 = build_config({"dataset": "ring8", "wire_dtype": "bfloat16"}).cluster_dict()
+    text = describe_config_difference(json.dumps(default), json.dumps(bf16))
+    assert text == (
+        'config keys differ: wire_dtype (this node: "float32" (any of float32, float32-huffman, '
+        'float32-auto), peer: "bfloat16")'
+    )
 
 
 # ---- 5. nodes is simulator-only ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
+from agent.core.config import FLOAT32_WIRES
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.protocol import PROTOCOL_VERSION
 
@@ -130,4 +131,13 @@ def _collect_differences(path: str, local: Any, remote: Any, differences: list[s
             else:
                 _collect_differences(child, local[key], remote[key], differences)
     elif local != remote or type(local) is not type(remote):
-        differences.append(f"{path or '<root>'} (this node: {_quote(local)}, peer: {_quote(remote)})")
+        shown = (_quote_value(path, local), _quote_value(path, remote))
+        differences.append(f"{path or '<root>'} (this node: {shown[0]}, peer: {shown[1]})")
+
+
+def _quote_value(path: str, value: Any) -> str:
+    """A value as the message shows it: the float32 wires compare as "float32" (config.comparable_value),
+    which a node configured with float32-auto or float32-huffman would not recognise as its own."""
+    if path == "wire_dtype" and value == "float32":
+        return f'"float32" (any of {", ".join(FLOAT32_WIRES)})'
+    return _quote(value)

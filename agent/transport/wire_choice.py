@@ -7,13 +7,13 @@ Coding pays when the link time it saves is more than the CPU it costs::
     saving · b / r  >  (c_enc + c_dec) · b      ⇔      r  <  saving / (c_enc + c_dec)
 
 with b the vector's float32 bytes, r the node's push rate (bytes/s, measured per push: wire bytes over
-the call's wall time, averaged as seconds per byte), ``saving`` the fraction of bytes the coding removes
+the call's wall time; the median of the recent pushes), ``saving`` the fraction of bytes the coding removes
 (measured on the vectors this node coded; ~0.17 for GAN parameters) and c_enc, c_dec the coding and
 decoding cost in s/byte (c_enc measured here; the receiver's c_dec is assumed equal, the measured decode
 being 0.2–0.8× the encode).
 The size b cancels: the decision is a rate threshold, ~170 Mbit/s with the priors below on the
-development VM (docs/compression.md). Per-call latency makes small pushes look slower than the link;
-that can only pick coding for small vectors, where either choice costs well under a millisecond.
+development VM (docs/compression.md). Per-call latency and a busy CPU make small pushes look slower
+than the link; that can only pick coding where the saving and the cost are both small.
 
 A hysteresis band (switch on above 1.25×, off below 0.8× break-even) keeps a rate near the threshold
 from flipping the choice every round. The decision is a pure function of the measurements
@@ -22,15 +22,18 @@ from flipping the choice every round. The decision is a pure function of the mea
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 PRIOR_SAVING = 0.17  # fraction of a float32 vector's bytes the coding saves (measured 0.17 on GAN models)
 PRIOR_CODE_SECONDS_PER_BYTE = 4e-9  # encode cost; measured 2-4.5 ms per MB on the development VM
 DECODE_PER_ENCODE = 1.0  # the receiver's decode, assumed as dear as the encode (measured 0.2-0.8x)
-SMOOTHING = 0.25  # weight of a new observation in the exponential moving averages
+SMOOTHING = 0.25  # weight of a new coding's saving and cost in their exponential moving averages
+PUSH_WINDOW = 5  # the push rate is the median over this many recent pushes
 SWITCH_ON = 1.25  # code when the saved link time exceeds this multiple of the coding cost
 SWITCH_OFF = 0.8  # ... and stop when it falls below this multiple
-REPROBE_EVERY = 100  # plain vectors between two coded ones while the measured saving alone says no
+REPROBE_EVERY = 50  # plain vectors between two coded ones while the measurements alone say no
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,14 @@ def decide(m: Measurements, coding: bool, plain_since_coded: int) -> str:
         return "plain"  # the first push measures the link
     if ratio > (SWITCH_OFF if coding else SWITCH_ON):
         return "code"
-    # The measured saving may be stale (a model's exponents change as it trains): re-measure now and then
-    # when the prior saving would pay at this rate.
-    with_prior = benefit(Measurements(m.push_rate, PRIOR_SAVING, m.code_seconds_per_byte))
-    if with_prior is not None and with_prior > SWITCH_ON and plain_since_coded >= REPROBE_EVERY:
+    # The saving and the cost are measured only on coded vectors, so they may be stale: a model's
+    # exponents change as it trains, and a cost measured while the CPU was busy overstates it. Re-measure
+    # now and then when the priors would pay at this rate.
+    hopeful = Measurements(
+        m.push_rate, max(m.saving, PRIOR_SAVING), min(m.code_seconds_per_byte, PRIOR_CODE_SECONDS_PER_BYTE)
+    )
+    with_priors = benefit(hopeful)
+    if with_priors is not None and with_priors > SWITCH_ON and plain_since_coded >= REPROBE_EVERY:
         return "probe"
     return "plain"
 
@@ -72,9 +79,10 @@ class WireChoice:
     """The sender's running measurements and its current choice; not thread-safe (the event loop's)."""
 
     def __init__(self) -> None:
-        # The average is kept of seconds per byte, the quantity the saved time is linear in (an average of
-        # rates would take many slow pushes to notice a link that became slow).
-        self.seconds_per_byte: float | None = None
+        # Seconds per byte of the recent pushes, the quantity the saved time is linear in. Their median
+        # is the rate: one push held up by a neighbour that stalled (or a freeze of this process) does
+        # not read as a slow link, and a link that became slow shows after PUSH_WINDOW // 2 + 1 pushes.
+        self.recent_seconds_per_byte: deque[float] = deque(maxlen=PUSH_WINDOW)
         self.saving = PRIOR_SAVING
         self.code_seconds_per_byte = PRIOR_CODE_SECONDS_PER_BYTE
         self.coding = False
@@ -84,7 +92,8 @@ class WireChoice:
     @property
     def push_rate(self) -> float | None:
         """Bytes/s of the node's recent pushes; None before the first."""
-        return None if self.seconds_per_byte is None else 1.0 / self.seconds_per_byte
+        recent = self.recent_seconds_per_byte
+        return 1.0 / statistics.median(recent) if recent else None
 
     def measurements(self) -> Measurements:
         return Measurements(self.push_rate, self.saving, self.code_seconds_per_byte)
@@ -113,9 +122,7 @@ class WireChoice:
         """A push that delivered ``wire_bytes`` in ``seconds`` of wall time (call start to ack)."""
         if wire_bytes <= 0 or seconds <= 0:
             return
-        per_byte = seconds / wire_bytes
-        previous = self.seconds_per_byte
-        self.seconds_per_byte = per_byte if previous is None else _smooth(previous, per_byte)
+        self.recent_seconds_per_byte.append(seconds / wire_bytes)
 
     def observe_coding(self, float32_bytes: int, wire_bytes: int, seconds: float) -> None:
         """A vector of ``float32_bytes`` coded to ``wire_bytes`` (equal: the coding did not pay and the
