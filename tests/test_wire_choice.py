@@ -48,11 +48,11 @@ def test_the_first_vector_goes_plain_and_measures_the_link() -> None:
 
 @pytest.mark.timeout(10)
 def test_a_rate_near_break_even_does_not_flip_the_choice_every_vector() -> None:
-    just_below = 0.9 * BREAK_EVEN  # saves 1.1x the cost: inside the band
-    assert decide(measured(just_below), coding=False, plain_since_coded=0) == "plain"
-    assert decide(measured(just_below), coding=True, plain_since_coded=0) == "code"
-    assert decide(measured(0.7 * BREAK_EVEN), coding=False, plain_since_coded=0) == "code"
-    assert decide(measured(1.3 * BREAK_EVEN), coding=True, plain_since_coded=0) == "plain"
+    for inside in (0.7, 0.9, 1.1, 1.4):  # saves 1.43x to 0.71x the cost: inside the band, nothing changes
+        assert decide(measured(inside * BREAK_EVEN), coding=False, plain_since_coded=0) == "plain"
+        assert decide(measured(inside * BREAK_EVEN), coding=True, plain_since_coded=0) == "code"
+    assert decide(measured(0.6 * BREAK_EVEN), coding=False, plain_since_coded=0) == "code"
+    assert decide(measured(1.6 * BREAK_EVEN), coding=True, plain_since_coded=0) == "plain"
 
 
 @pytest.mark.timeout(10)
@@ -145,3 +145,20 @@ def test_measurements_move_the_choice() -> None:
     choice.observe_push(0, 1.0)  # ignored: nothing delivered
     choice.observe_push(MB, 0.0)
     assert choice.push_rate == pytest.approx(50 * MBIT)
+
+
+@pytest.mark.timeout(10)
+def test_a_coding_cost_that_swings_with_the_load_does_not_flip_the_choice() -> None:
+    """Measured with other processes on the cores, the cost of one coding swings 2x from one vector to the
+    next; the least of the recent ones is what the choice uses."""
+    choice = WireChoice()
+    rate = 50 * MBIT  # break-even for a cost of 13.6 ms per MB
+    costs = [0.012, 0.024, 0.011, 0.026, 0.013, 0.022] * 20
+    changes = 0
+    for cost in costs:
+        choice.observe_push(MB, MB / rate)
+        dtype, changed = choice.next_wire_dtype()
+        changes += changed
+        if dtype == "float32-huffman":
+            choice.observe_coding(MB, int(0.83 * MB), cost)
+    assert changes <= 2, changes

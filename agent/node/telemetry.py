@@ -19,7 +19,7 @@ every series. Series (units in the name, as Prometheus recommends):
 | dpgan_sent_bytes_total{peer} / dpgan_received_bytes_total{peer} | counter | gossip bytes per peer |
 | dpgan_wire_coding | gauge (0/1) | `wire_dtype: float32-auto` only: 1 while exponents are coded |
 | dpgan_push_rate_bytes_per_second | gauge | `float32-auto` only: the push rate it decides on |
-| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors sent, by wire dtype |
+| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors prepared (one per round) |
 | dpgan_checkpoint_age_seconds | gauge | since checkpoint.safetensors was written |
 | dpgan_quality{metric} | gauge | the last evaluation (modes_covered, high_quality, ...) |
 """
@@ -137,7 +137,7 @@ class AgentCollector(Collector):
         if rate is not None:
             yield gauge("dpgan_push_rate_bytes_per_second", "push rate float32-auto decides on", rate)
         vectors = CounterMetricFamily(
-            "dpgan_wire_vectors", "vectors sent, by wire dtype chosen", labels=[*names, "wire_dtype"]
+            "dpgan_wire_vectors", "vectors prepared (one per round)", labels=[*names, "wire_dtype"]
         )
         for wire_dtype, count in dict(choice.vectors).items():
             vectors.add_metric([*values, wire_dtype], count)

@@ -15,9 +15,10 @@ The size b cancels: the decision is a rate threshold, ~170 Mbit/s with the prior
 development VM (docs/compression.md). Per-call latency and a busy CPU make small pushes look slower
 than the link; that can only pick coding where the saving and the cost are both small.
 
-A hysteresis band (switch on above 1.25×, off below 0.8× break-even) keeps a rate near the threshold
-from flipping the choice every round. The decision is a pure function of the measurements
-(``decide``); ``WireChoice`` keeps them, fed by the agent's pushes and codings.
+A hysteresis band (switch on above 1.5×, off below 0.67× break-even) keeps a node near the threshold,
+where either choice costs about the same, from flipping the choice every round. The decision is a pure
+function of the measurements (``decide``); ``WireChoice`` keeps them, fed by the agent's pushes and
+codings.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 PRIOR_SAVING = 0.17  # fraction of a float32 vector's bytes the coding saves (measured 0.17 on GAN models)
 PRIOR_CODE_SECONDS_PER_BYTE = 4e-9  # encode cost; measured 2-4.5 ms per MB on the development VM
 DECODE_PER_ENCODE = 1.0  # the receiver's decode, assumed as dear as the encode (measured 0.2-0.8x)
-SMOOTHING = 0.25  # weight of a new coding's saving and cost in their exponential moving averages
+SMOOTHING = 0.25  # weight of a new coding's saving in its exponential moving average
 PUSH_WINDOW = 5  # the push rate is the median over this many recent pushes
-SWITCH_ON = 1.25  # code when the saved link time exceeds this multiple of the coding cost
-SWITCH_OFF = 0.8  # ... and stop when it falls below this multiple
+CODING_WINDOW = 5  # the coding cost is the least over this many recent codings
+SWITCH_ON = 1.5  # code when the saved link time exceeds this multiple of the coding cost
+SWITCH_OFF = 0.67  # ... and stop when it falls below this multiple
 REPROBE_EVERY = 50  # plain vectors between two coded ones while the measurements alone say no
 
 
@@ -84,7 +86,10 @@ class WireChoice:
         # not read as a slow link, and a link that became slow shows after PUSH_WINDOW // 2 + 1 pushes.
         self.recent_seconds_per_byte: deque[float] = deque(maxlen=PUSH_WINDOW)
         self.saving = PRIOR_SAVING
-        self.code_seconds_per_byte = PRIOR_CODE_SECONDS_PER_BYTE
+        # Wall seconds per float32 byte of the recent codings. Their least is the cost: a busy CPU only
+        # ever adds time, and a cost that swings 2x from one vector to the next (measured with other
+        # processes on the cores) would otherwise flip the choice on and off.
+        self.recent_code_seconds_per_byte: deque[float] = deque(maxlen=CODING_WINDOW)
         self.coding = False
         self.plain_since_coded = 0
         self.vectors = {"float32": 0, "float32-huffman": 0}  # vectors prepared, by wire dtype chosen
@@ -94,6 +99,12 @@ class WireChoice:
         """Bytes/s of the node's recent pushes; None before the first."""
         recent = self.recent_seconds_per_byte
         return 1.0 / statistics.median(recent) if recent else None
+
+    @property
+    def code_seconds_per_byte(self) -> float:
+        """The coding cost the choice uses: the prior until the first coding."""
+        recent = self.recent_code_seconds_per_byte
+        return min(recent) if recent else PRIOR_CODE_SECONDS_PER_BYTE
 
     def measurements(self) -> Measurements:
         return Measurements(self.push_rate, self.saving, self.code_seconds_per_byte)
@@ -132,7 +143,7 @@ class WireChoice:
         saving = max(0.0, 1.0 - wire_bytes / float32_bytes)
         self.saving = _smooth(self.saving, saving)
         if seconds > 0:
-            self.code_seconds_per_byte = _smooth(self.code_seconds_per_byte, seconds / float32_bytes)
+            self.recent_code_seconds_per_byte.append(seconds / float32_bytes)
 
 
 def _smooth(previous: float, new: float) -> float:
