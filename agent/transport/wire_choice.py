@@ -58,8 +58,8 @@ def benefit(m: Measurements) -> float | None:
 
 def decide(m: Measurements, coding: bool, plain_since_coded: int) -> str:
     """How to send the next vector: ``"code"``, ``"plain"``, or ``"probe"`` (code this one to re-measure
-    the saving, the choice staying plain). ``coding``: the current choice (for the hysteresis band);
-    ``plain_since_coded``: plain vectors sent since the last coded one."""
+    the saving and the cost, the choice staying plain). ``coding``: the current choice (for the
+    hysteresis band); ``plain_since_coded``: plain vectors sent since the last coded one."""
     ratio = benefit(m)
     if ratio is None:
         return "plain"  # the first push measures the link
@@ -137,7 +137,7 @@ class WireChoice:
 
     def observe_coding(self, float32_bytes: int, wire_bytes: int, seconds: float) -> None:
         """A vector of ``float32_bytes`` coded to ``wire_bytes`` (equal: the coding did not pay and the
-        vector went plain) in ``seconds`` of CPU."""
+        vector went plain) in ``seconds`` of wall time."""
         if float32_bytes <= 0:
             return
         saving = max(0.0, 1.0 - wire_bytes / float32_bytes)
