@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from agent.checkpoint import Checkpoint, load_checkpoint
 from agent.node.local import free_ports
 
 # The cluster-wide keys of the equivalence configuration (shared by the agents and the simulator).
@@ -103,3 +104,20 @@ class CountingListener:
         with contextlib.suppress(OSError):
             self.socket.shutdown(socket.SHUT_RDWR)
         self.socket.close()
+
+
+def assert_bit_for_bit(
+    agents: Path, simulated: Path, node: int, iteration: int
+) -> tuple[Checkpoint, Checkpoint]:
+    """Node ``node``'s final checkpoint under ``agents`` equals the simulator's under ``simulated``, bit for
+    bit: the iteration, every parameter and every optimizer tensor. Returns (agent's, simulator's)."""
+    import torch
+
+    agent = load_checkpoint(agents / f"node-{node}" / "final.safetensors")
+    sim = load_checkpoint(simulated / f"node-{node}" / "final.safetensors")
+    assert agent.iteration == sim.iteration == iteration
+    for name, tensor in sim.parameters.items():
+        assert torch.equal(tensor, agent.parameters[name]), f"node {node}: {name} differs"
+    for name, tensor in sim.optimizer.items():
+        assert torch.equal(tensor, agent.optimizer[name]), f"node {node}: optimizer {name} differs"
+    return agent, sim

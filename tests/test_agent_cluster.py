@@ -17,6 +17,7 @@ from agent.cli import main
 from agent.core.compression import Compressor
 from tests.agents import (
     EQUIVALENCE_FLAGS,
+    assert_bit_for_bit,
     events_named,
     free_ports,
     log_events,
@@ -79,13 +80,7 @@ def test_agents_on_a_float32_huffman_wire_reproduce_float32_bit_for_bit_with_few
     assert main(["simulate", *EQUIVALENCE_FLAGS, "--nodes", "4", "--out", str(tmp_path / "sim")]) == 0
     assert wait_all(processes, timeout=75) == [0, 0, 0, 0]
     for i in range(4):
-        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
-        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
-        assert agent.iteration == simulated.iteration == 50
-        for name, tensor in simulated.parameters.items():
-            assert torch.equal(tensor, agent.parameters[name]), f"node {i}: {name} differs"
-        for name, tensor in simulated.optimizer.items():
-            assert torch.equal(tensor, agent.optimizer[name]), f"node {i}: optimizer {name} differs"
+        agent, simulated = assert_bit_for_bit(tmp_path / "agents", tmp_path / "sim", i, 50)
         assert torch.equal(agent.rng_state, simulated.rng_state)
         # Each iteration pushes x to both ring neighbours in each of the 2 rounds: 4 vectors.
         plain = 4 * 4 * sum(tensor.numel() for tensor in agent.parameters.values())
@@ -119,13 +114,7 @@ def test_agents_with_compressed_gossip_reproduce_the_simulator_bit_for_bit(
     assert main(["simulate", *flags, "--nodes", "4", "--out", str(tmp_path / "sim")]) == 0
     assert wait_all(processes, timeout=100) == [0, 0, 0, 0]
     for i in range(4):
-        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
-        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
-        assert agent.iteration == simulated.iteration == 50
-        for name, tensor in simulated.parameters.items():
-            assert torch.equal(tensor, agent.parameters[name]), f"node {i}: {name} differs"
-        for name, tensor in simulated.optimizer.items():
-            assert torch.equal(tensor, agent.optimizer[name]), f"node {i}: optimizer {name} differs"
+        assert_bit_for_bit(tmp_path / "agents", tmp_path / "sim", i, 50)
     summary = json.loads((tmp_path / "agents" / "node-0" / "summary.json").read_text())
     parameters = summary["parameters"]
     sent = summary["bytes_sent"]

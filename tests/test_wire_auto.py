@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from agent.checkpoint import load_checkpoint
 from agent.cli import main
-from tests.agents import EQUIVALENCE_FLAGS, log_events, wait_all
+from tests.agents import EQUIVALENCE_FLAGS, assert_bit_for_bit, log_events, wait_all
 from tests.netns import NetnsCluster
 
 pytest_plugins = ["tests.netns"]
@@ -46,13 +44,7 @@ def test_agents_code_on_a_slow_link_and_keep_float32_bit_for_bit(netns_cluster, 
     assert main(["simulate", *FLAGS, "--nodes", str(NODES), "--out", str(tmp_path / "sim")]) == 0
     assert wait_all(processes, timeout=120) == [0] * NODES
     for i in range(NODES):
-        agent = load_checkpoint(tmp_path / "agents" / f"node-{i}" / "final.safetensors")
-        simulated = load_checkpoint(tmp_path / "sim" / f"node-{i}" / "final.safetensors")
-        assert agent.iteration == simulated.iteration == 25
-        for name, tensor in simulated.parameters.items():
-            assert torch.equal(tensor, agent.parameters[name]), f"node {i}: {name} differs"
-        for name, tensor in simulated.optimizer.items():
-            assert torch.equal(tensor, agent.optimizer[name]), f"node {i}: optimizer {name} differs"
+        agent, _ = assert_bit_for_bit(tmp_path / "agents", tmp_path / "sim", i, 25)
         events = log_events(tmp_path / "agents" / f"node-{i}" / "agent.log")
         switched = [e for e in events if e.get("event") == "float32-auto: exponent coding on"]
         assert switched, f"node {i} never coded at 20 Mbit/s"

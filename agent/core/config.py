@@ -34,6 +34,8 @@ WEIGHTINGS = ("metropolis", "uniform")
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "float32-huffman", "float32-auto")
 # Wire dtypes that carry float32's bits exactly (the run is float32's; only the bytes differ).
 FLOAT32_WIRES = ("float32", "float32-huffman", "float32-auto")
+# The wire_dtype values compressed gossip runs with (its resets are plain float32; its codes its own).
+COMPRESSED_GOSSIP_WIRES = ("float32", "float32-auto")
 COMPRESSIONS = ("none", "int8", "topk", "randk")
 # Keys that only mean something with compressed gossip: left out of cluster_dict() (so of config_hash and
 # the default run id) while compression is none, so configurations written before they existed keep their
@@ -355,7 +357,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("consensus_step: applies only with compression int8, topk or randk, not none")
     if config.consensus_step is not None and not 0.0 < config.consensus_step <= 1.0:
         raise ConfigError(f"consensus_step: must be in (0, 1], got {config.consensus_step!r}")
-    if config.compression != "none" and config.wire_dtype not in ("float32", "float32-auto"):
+    if config.compression != "none" and config.wire_dtype not in COMPRESSED_GOSSIP_WIRES:
         raise ConfigError(
             f"wire_dtype: compression {config.compression!r} sends its own codes (and float32 resets); "
             f"leave wire_dtype at float32-auto (the default) or float32, not {config.wire_dtype!r}"

@@ -32,6 +32,7 @@ from agent.core.algorithms import (
 )
 from agent.core.choco import EdgeCopies, choco_round
 from agent.core.compression import Compressor, randk_seed
+from agent.core.config import COMPRESSED_GOSSIP_WIRES
 from agent.core.mixing import MixingError, Row, mix_all, wire_rounded
 
 RowsFn = Callable[[int], Sequence[Row]]  # global gossip round index -> one mixing row per node
@@ -193,7 +194,7 @@ class VirtualCluster:
 def _compressed(compression: CompressedGossip | None, wire_dtype: str, nodes: int) -> _ChocoState | None:
     if compression is None:
         return None
-    if wire_dtype not in ("float32", "float32-auto"):  # float32-auto: the default, float32 resets here
+    if wire_dtype not in COMPRESSED_GOSSIP_WIRES:
         raise ValueError(
             f"compressed gossip sends float32 resets and its own codes; wire_dtype {wire_dtype!r} "
             "does not apply"
