@@ -1,6 +1,6 @@
 """wire_dtype float32-auto (the default) on real links: agents on hosts whose links are shaped to
-20 Mbit/s code their vectors' exponent bytes (fewer bytes per iteration) and still compute float32's run
-bit for bit; the decision itself is tested in tests/test_wire_choice.py."""
+20 Mbit/s code their vectors (against the last vector sent on each edge: fewer bytes per iteration) and
+still compute float32's run bit for bit; the decision itself is tested in tests/test_wire_choice.py."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def test_agents_code_on_a_slow_link_and_keep_float32_bit_for_bit(netns_cluster, 
     for i in range(NODES):
         agent, _ = assert_bit_for_bit(tmp_path / "agents", tmp_path / "sim", i, 25)
         events = log_events(tmp_path / "agents" / f"node-{i}" / "agent.log")
-        switched = [e for e in events if e.get("event") == "float32-auto: exponent coding on"]
+        switched = [e for e in events if e.get("event") == "float32-auto: coding on"]
         assert switched, f"node {i} never coded at 20 Mbit/s"
         assert switched[0]["push_rate_mbit_s"] < 30, switched[0]
         # Each iteration pushes x to both ring neighbours: 2 vectors.
         plain = 2 * 4 * sum(tensor.numel() for tensor in agent.parameters.values())
         sent = [e["bytes_sent"] for e in events if e.get("event") == "iteration" and e["iteration"] > 5]
-        assert sent and max(sent) < 0.9 * plain, f"node {i} sent {max(sent)} bytes an iteration of {plain}"
+        assert sent and max(sent) < 0.75 * plain, f"node {i} sent {max(sent)} bytes an iteration of {plain}"

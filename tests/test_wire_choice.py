@@ -41,9 +41,9 @@ def test_the_first_vector_goes_plain_and_measures_the_link() -> None:
     choice = WireChoice()
     assert choice.next_wire_dtype() == ("float32", False)
     choice.observe_push(int(0.5 * MB), 0.2)  # 2.5 MB/s: 20 Mbit/s
-    assert choice.next_wire_dtype() == ("float32-huffman", True)
+    assert choice.next_wire_dtype() == ("float32-delta", True)
     assert choice.coding
-    assert choice.next_wire_dtype() == ("float32-huffman", False)
+    assert choice.next_wire_dtype() == ("float32-delta", False)
 
 
 @pytest.mark.timeout(10)
@@ -59,7 +59,7 @@ def test_a_rate_near_break_even_does_not_flip_the_choice_every_vector() -> None:
 def test_the_choice_follows_the_link_when_it_changes() -> None:
     choice = WireChoice()
     choice.observe_push(MB, 0.4)  # 20 Mbit/s
-    assert choice.next_wire_dtype()[0] == "float32-huffman"
+    assert choice.next_wire_dtype()[0] == "float32-delta"
     flips = []
     for _ in range(30):  # the link gets 1 GbE fast: the median follows once most recent pushes are fast
         choice.observe_push(MB, 0.008)
@@ -70,7 +70,7 @@ def test_the_choice_follows_the_link_when_it_changes() -> None:
     for _ in range(3):  # slow again: the median is slow from the third push on
         choice.observe_push(MB, 0.4)
         dtypes.append(choice.next_wire_dtype()[0])
-    assert dtypes == ["float32", "float32", "float32-huffman"]
+    assert dtypes == ["float32", "float32", "float32-delta"]
 
 
 @pytest.mark.timeout(10)
@@ -95,14 +95,14 @@ def test_a_coding_cost_measured_on_a_busy_cpu_is_measured_again() -> None:
         choice.observe_push(MB, MB / rate)
         dtype, _ = choice.next_wire_dtype()
         dtypes.append(dtype)
-        if dtype == "float32-huffman":
+        if dtype == "float32-delta":
             busy = len(dtypes) < 10
             choice.observe_coding(MB, int(0.83 * MB), 0.025 if busy else 0.004)
     first_plain = dtypes.index("float32")
-    assert dtypes[:first_plain] == ["float32-huffman"] * first_plain
-    back = dtypes.index("float32-huffman", first_plain)
+    assert dtypes[:first_plain] == ["float32-delta"] * first_plain
+    back = dtypes.index("float32-delta", first_plain)
     assert back - first_plain == wire_choice.REPROBE_EVERY  # the first probe
-    assert dtypes[-100:] == ["float32-huffman"] * 100  # coding again for good
+    assert dtypes[-100:] == ["float32-delta"] * 100  # coding again for good
     assert choice.describe()["coding_ms_per_mb"] == pytest.approx(4.0, abs=0.1)
 
 
@@ -114,9 +114,9 @@ def test_vectors_that_do_not_compress_go_plain_and_are_re_measured_now_and_then(
     for _ in range(3 * wire_choice.REPROBE_EVERY):
         dtype, _ = choice.next_wire_dtype()
         dtypes.append(dtype)
-        if dtype == "float32-huffman":
+        if dtype == "float32-delta":
             choice.observe_coding(MB, MB, 0.004)  # the coding did not pay: the vector went as float32
-    coded = [i for i, d in enumerate(dtypes) if d == "float32-huffman"]
+    coded = [i for i, d in enumerate(dtypes) if d == "float32-delta"]
     # Coded until the measured saving fell below the break-even, then one probe per REPROBE_EVERY vectors.
     first_plain = dtypes.index("float32")
     assert first_plain < 12
@@ -136,7 +136,7 @@ def test_fast_links_are_never_probed() -> None:
 def test_measurements_move_the_choice() -> None:
     choice = WireChoice()
     choice.observe_push(MB, MB / (50 * MBIT))  # 50 Mbit/s: codes at the priors
-    assert choice.next_wire_dtype()[0] == "float32-huffman"
+    assert choice.next_wire_dtype()[0] == "float32-delta"
     for _ in range(20):  # this CPU codes at 40 ms per MB: not worth it at 50 Mbit/s
         choice.observe_coding(MB, int(0.83 * MB), 0.04)
     assert choice.next_wire_dtype()[0] == "float32"
@@ -159,6 +159,6 @@ def test_a_coding_cost_that_swings_with_the_load_does_not_flip_the_choice() -> N
         choice.observe_push(MB, MB / rate)
         dtype, changed = choice.next_wire_dtype()
         changes += changed
-        if dtype == "float32-huffman":
+        if dtype == "float32-delta":
             choice.observe_coding(MB, int(0.83 * MB), cost)
     assert changes <= 2, changes

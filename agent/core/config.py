@@ -31,9 +31,9 @@ SPLITS = ("iid", "shards", "label_skew")
 LOSSES = ("nonsaturating", "wgan_gp", "hinge")
 MODEL_FAMILIES = ("mlp", "dcgan")
 WEIGHTINGS = ("metropolis", "uniform")
-WIRE_DTYPES = ("float32", "bfloat16", "float16", "float32-huffman", "float32-auto")
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "float32-huffman", "float32-delta", "float32-auto")
 # Wire dtypes that carry float32's bits exactly (the run is float32's; only the bytes differ).
-FLOAT32_WIRES = ("float32", "float32-huffman", "float32-auto")
+FLOAT32_WIRES = ("float32", "float32-huffman", "float32-delta", "float32-auto")
 # The wire_dtype values compressed gossip runs with (its resets are plain float32; its codes its own).
 COMPRESSED_GOSSIP_WIRES = ("float32", "float32-auto")
 COMPRESSIONS = ("none", "int8", "topk", "randk")
@@ -93,8 +93,9 @@ class TrainConfig:
     wire_dtype: str = _cluster(
         "float32-auto",
         f"dtype on the wire: {', '.join(WIRE_DTYPES)}; float32-huffman: float32's bits with the exponent "
-        "bytes Huffman-coded; float32-auto: float32's bits, coded per vector when the measured link is "
-        "slow enough for the coding to pay",
+        "bytes Huffman-coded; float32-delta: float32's bits coded against the last vector sent on the same "
+        "edge (exponent-coded when the receiver holds none); float32-auto: float32's bits, coded like "
+        "float32-delta per vector when the measured link is slow enough for the coding to pay",
     )
     compression: str = _cluster(
         "none",
@@ -172,10 +173,10 @@ def compared_keys() -> tuple[str, ...]:
 
 def comparable_value(key: str, value: Any) -> Any:
     """A cluster key's value as agents compare it (handshake, ``config_hash``, a checkpoint's
-    configuration). The float32 wires (float32, float32-huffman, float32-auto) carry the same bits and
-    their receivers take both encodings, so they compare equal, as ``float32``: nodes configured with
-    any of them train together, and hashes and checkpoints from before float32-auto (the default since)
-    keep their run ids and resume."""
+    configuration). The float32 wires (float32, float32-huffman, float32-delta, float32-auto) carry the
+    same bits and their receivers take every encoding of them, so they compare equal, as ``float32``:
+    nodes configured with any of them train together, and hashes and checkpoints from before
+    float32-auto (the default since) keep their run ids and resume."""
     if key == "wire_dtype" and value in FLOAT32_WIRES:
         return "float32"
     return value

@@ -39,11 +39,12 @@ RowsFn = Callable[[int], Sequence[Row]]  # global gossip round index -> one mixi
 BatchedGradientFn = Callable[[torch.Tensor], torch.Tensor]  # (n, d) points -> (n, d) gradients, row i = T_i
 
 # ``wire_dtype`` (the configuration key) -> the dtype neighbours' vectors are rounded to; float32: none
-# (the agents send float32 state exactly; float32-huffman codes the same bits losslessly, float32-auto
-# sends either).
+# (the agents send float32 state exactly; float32-huffman and float32-delta code the same bits
+# losslessly, float32-auto sends any of them).
 WIRE_ROUNDING: dict[str, torch.dtype | None] = {
     "float32": None,
     "float32-huffman": None,
+    "float32-delta": None,
     "float32-auto": None,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,

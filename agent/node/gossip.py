@@ -19,13 +19,13 @@ import torch
 from agent.core.config import TrainConfig
 from agent.core.membership import PeerEvent
 from agent.core.mixing import mix_row, renormalized_row, row_for_round
+from agent.node.delta_wires import DeltaWires, RoundWires
 from agent.node.edge_gossip import EdgeGossip
 from agent.node.freezes import FreezeDetector
 from agent.node.peers import CONNECTION_REFUSED, PeerRegistry, cancelled_by_us
 from agent.node.views import ViewController
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerRpcError, PeerUnavailable
-from agent.transport.frames import prepare_vector
 from agent.transport.inbox import Inbox, InboxMessage
 from agent.transport.positions import PeerPositions
 from agent.transport.server import GossipServer
@@ -100,8 +100,10 @@ class GossipRounds:
         self.stop_event = stop_event
         self.log = log
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
-        # wire_dtype float32-auto: per vector, float32 or float32-huffman, whichever is faster here
-        # (compressed gossip sends its own codes: nothing to choose).
+        # Exact gossip: the wire of each neighbour (float32-delta codes per edge). wire_dtype float32-auto:
+        # per vector, float32 or float32-delta, whichever is faster here (compressed gossip sends its own
+        # codes: nothing to choose).
+        self.deltas = DeltaWires() if self.edges is None else None
         auto = settings.wire_dtype == "float32-auto" and self.edges is None
         self.wire_choice = WireChoice() if auto else None
         self.freezes = FreezeDetector()  # started by the first round, on the running loop
@@ -119,7 +121,7 @@ class GossipRounds:
         wire_dtype, changed = self.wire_choice.next_wire_dtype()
         if changed:
             state = "on" if self.wire_choice.coding else "off"
-            self.log.info(f"float32-auto: exponent coding {state}", **self.wire_choice.describe())
+            self.log.info(f"float32-auto: coding {state}", **self.wire_choice.describe())
         return wire_dtype
 
     async def _announce(self, node_id: str, iteration: int, round_: int) -> bool:
@@ -190,14 +192,41 @@ class GossipRounds:
         round_: int,
         traffic: Traffic,
         announcement: asyncio.Future[bool] | None = None,
+        prepared: RoundWires | None = None,
     ) -> bool:
-        """Push ``wire`` to ``node_id``; True when the neighbour accepted it (now or buffered ahead)."""
+        """Push ``wire`` to ``node_id``; True when the neighbour accepted it (now or buffered ahead).
+        ``prepared``: the round's wires of exact gossip, whose fallback goes to a neighbour that refuses a
+        float32-delta push for want of its reference, and whose references follow the outcome."""
+        ack = await self._deliver(node_id, wire, iteration, round_, traffic, announcement)
+        if prepared is None or self.deltas is None:
+            return ack is not None and ack.accepted
+        if ack is not None and ack.status == pb.PUSH_STATUS_REFERENCE_MISSING:
+            self.log.info("neighbour holds no reference; sending the vector itself", neighbour=node_id)
+            wire = await self.in_compute(prepared.fallback)
+            if self.wire_choice is not None:
+                self.wire_choice.count_sent([wire.wire_dtype])
+            ack = await self._deliver(node_id, wire, iteration, round_, traffic)
+        accepted = ack is not None and ack.accepted
+        self.deltas.pushed(node_id, prepared, wire, accepted)
+        return accepted
+
+    async def _deliver(
+        self,
+        node_id: str,
+        wire: Any,
+        iteration: int,
+        round_: int,
+        traffic: Traffic,
+        announcement: asyncio.Future[bool] | None = None,
+    ) -> pb.PushAck | None:
+        """Push ``wire`` to ``node_id`` until the neighbour answers or the deadline passes; its answer, or
+        None when it could not be reached (recorded with the view controller)."""
         started = time.monotonic()
         deadline = started + self.deadline_seconds()
         if announcement is not None and not await self._paced_wait(
             node_id, (iteration, round_), announcement, deadline
         ):
-            return False
+            return None
         ack: pb.PushAck | None = None
         thawed = False
         attempts = 0
@@ -239,13 +268,13 @@ class GossipRounds:
                 reason = str(error) or type(error).__name__
                 if isinstance(error, PeerRpcError):
                     self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
-                    return False
+                    return None
                 if self._stop_agreed() and self._exited(node_id, reason):
                     # A stop is being agreed and nothing listens at the neighbour's address any more: it
                     # exited (it stopped, or was killed); a frozen process would still accept connections.
                     # Retrying for the stop grace only held this node's own stop back (11 s after a kill).
                     self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
-                    return False
+                    return None
                 if (
                     isinstance(error, PeerUnavailable)
                     and error.timed_out
@@ -268,7 +297,7 @@ class GossipRounds:
             retry = self._stop_agreed() or thawed
             if not retry or self.stop_event.is_set() or time.monotonic() >= deadline:
                 self.views.record(node_id, PeerEvent.UNREACHABLE, iteration, reason)
-                return False
+                return None
             await asyncio.sleep(PUSH_RETRY_SECONDS * 10)
         # STALE means the neighbour moved past this position: we are behind it. Not after a retry, though:
         # an earlier attempt whose answer was lost (this process froze mid-call) may have been delivered.
@@ -276,7 +305,7 @@ class GossipRounds:
             traffic.behind.add(node_id)
         if not ack.accepted:
             self.log.debug("push refused", neighbour=node_id, reason=ack.reason)
-        return ack.accepted
+        return ack
 
     def _stop_agreed(self) -> bool:
         """A stop is being agreed: the deadline grew from one round timeout to the stop grace."""
@@ -347,25 +376,37 @@ class GossipRounds:
             if self.paced()
             else {}
         )
-        edges = self.edges
+        edges, deltas = self.edges, self.deltas
         sent: dict[str, Any] = {}
+        prepared: RoundWires | None = None
         try:
-            if edges is None:
+            if deltas is not None:
                 wire_dtype = self._wire_dtype()
-                wire = await self.in_compute(prepare_vector, x, wire_dtype)
-                if self.wire_choice is not None and wire_dtype == "float32-huffman":
-                    self.wire_choice.observe_coding(4 * x.numel(), wire.payload_bytes, wire.coding_seconds)
-                wires = dict.fromkeys(live, wire)
+                prepared = await self.in_compute(deltas.prepare, x, live, (iteration, round_), wire_dtype)
+                wires = prepared.wires
+                if self.wire_choice is not None:
+                    for wire in prepared.coded():
+                        self.wire_choice.observe_coding(
+                            4 * x.numel(), wire.payload_bytes, wire.coding_seconds
+                        )
+                    self.wire_choice.count_sent([wire.wire_dtype for wire in wires.values()])
             else:
-                prepared = await self.in_compute(edges.outgoing, x, live, views.index, round_index, view)
-                wires = {node_id: wire for node_id, (_, wire) in prepared.items()}
-                sent = {node_id: message for node_id, (message, _) in prepared.items()}
+                assert edges is not None
+                outgoing = await self.in_compute(edges.outgoing, x, live, views.index, round_index, view)
+                wires = {node_id: wire for node_id, (_, wire) in outgoing.items()}
+                sent = {node_id: message for node_id, (message, _) in outgoing.items()}
             # A push in flight finishes; a paced push still waiting for its neighbour is skipped once the
             # agreed stop is reached (_paced_wait).
             delivered = await asyncio.gather(
                 *(
                     self._push(
-                        node_id, wires[node_id], iteration, round_, traffic, announcements.get(node_id)
+                        node_id,
+                        wires[node_id],
+                        iteration,
+                        round_,
+                        traffic,
+                        announcements.get(node_id),
+                        prepared,
                     )
                     for node_id in live
                 )

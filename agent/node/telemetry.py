@@ -17,9 +17,9 @@ every series. Series (units in the name, as Prometheus recommends):
 | dpgan_iterations_alone_total | counter | iterations trained with no neighbour |
 | dpgan_compute_seconds_total / dpgan_round_wait_seconds_total | counter | local steps / gossip rounds |
 | dpgan_sent_bytes_total{peer} / dpgan_received_bytes_total{peer} | counter | gossip bytes per peer |
-| dpgan_wire_coding | gauge (0/1) | `wire_dtype: float32-auto` only: 1 while exponents are coded |
+| dpgan_wire_coding | gauge (0/1) | `wire_dtype: float32-auto` only: 1 while vectors are coded |
 | dpgan_push_rate_bytes_per_second | gauge | `float32-auto` only: the push rate it decides on |
-| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors prepared (one per round) |
+| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors sent, one per neighbour |
 | dpgan_checkpoint_age_seconds | gauge | since checkpoint.safetensors was written |
 | dpgan_quality{metric} | gauge | the last evaluation (modes_covered, high_quality, ...) |
 """
@@ -132,12 +132,12 @@ class AgentCollector(Collector):
         choice = self.agent.gossip.wire_choice
         if choice is None:
             return
-        yield gauge("dpgan_wire_coding", "1 while float32-auto codes exponents", float(choice.coding))
+        yield gauge("dpgan_wire_coding", "1 while float32-auto codes its vectors", float(choice.coding))
         rate = choice.push_rate
         if rate is not None:
             yield gauge("dpgan_push_rate_bytes_per_second", "push rate float32-auto decides on", rate)
         vectors = CounterMetricFamily(
-            "dpgan_wire_vectors", "vectors prepared (one per round)", labels=[*names, "wire_dtype"]
+            "dpgan_wire_vectors", "vectors sent (one per neighbour)", labels=[*names, "wire_dtype"]
         )
         for wire_dtype, count in dict(choice.vectors).items():
             vectors.add_metric([*values, wire_dtype], count)

@@ -27,6 +27,8 @@ COMPRESSED_DTYPES: Final = {
 }
 _KINDS_BY_PROTO: Final = {value: kind for kind, value in COMPRESSED_DTYPES.items()}
 MAX_INT8_BLOCK: Final = 1 << 20
+# The encodings of float32's bits on the wire (agent.transport.wire_vectors): every float32 run takes all.
+FLOAT32_ENCODINGS: Final = ("float32", "float32-huffman", "float32-delta")
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,8 @@ class GossipKind:
     """What a receiver's run gossips, for refusing pushes of another kind (``ExpectedVector.gossip``).
 
     ``compressor`` None: plain vectors (no edge header) in the run's ``wire_dtype``; a run on one of the
-    float32 wires (float32, float32-huffman, float32-auto: the same bits, compared equal at the handshake)
-    takes both float32 and float32-huffman. Otherwise compressed
+    float32 wires (float32, float32-huffman, float32-delta, float32-auto: the same bits, compared equal at
+    the handshake) takes float32, float32-huffman and float32-delta. Otherwise compressed
     differences of exactly this compressor (its kind, and its kept count or int8 block for the receiver's
     vector length), plus float32 resets."""
 
@@ -46,7 +48,7 @@ class GossipKind:
         """Why a plain vector sent as ``wire_dtype`` is not of this run's gossip; None if it is."""
         if self.compressor is not None:
             return None  # refusal() covers compressed runs: plain pushes are refused there
-        accepted = {"float32", "float32-huffman"} if self.wire_dtype in FLOAT32_WIRES else {self.wire_dtype}
+        accepted = set(FLOAT32_ENCODINGS) if self.wire_dtype in FLOAT32_WIRES else {self.wire_dtype}
         if wire_dtype in accepted:
             return None
         return f"this run's vectors travel as {self.wire_dtype} (wire_dtype), not {wire_dtype}"

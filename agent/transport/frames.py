@@ -17,96 +17,38 @@ and verified; partial or invalid data never escapes this module. Named multi-ten
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
-import time
-import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Literal, NamedTuple
+from typing import Final, NamedTuple
 
 import torch
 from google.protobuf.message import DecodeError
 
-from agent.core.choco import EdgeMessage
-from agent.transport import codecs, exponent_coding
+from agent.transport import codecs, delta_coding, exponent_coding
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.buffers import RECEIVE_BUFFERS
 from agent.transport.options import DEFAULT_CHUNK_BYTES, validate_chunk_bytes
+from agent.transport.references import ReferenceMissing, References
 
-try:
-    # ISA-L's CRC-32 (carry-less multiply folding): bit-identical to zlib.crc32, ~6x faster than the
-    # table-driven zlib build that ships with CPython (2 GB/s: 30 ms per 64 MiB, on every push received).
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal has wheels for every platform we run on; same values anyway
-    _crc32 = zlib.crc32
+# The sender's side, re-exported: callers import the wire format from here.
+from agent.transport.wire_vectors import (
+    _WIRE_DTYPES,
+    _WIRE_DTYPES_BY_PROTO,
+    WIRE_DTYPE_NAMES,
+    WireDtypeName,
+    WireVector,
+    _require_little_endian,
+    _WireDtypeSpec,
+    all_finite,
+    payload_crc32,
+    prepare_edge_message,
+    prepare_vector,
+)
 
 _UINT32_MAX: Final = (1 << 32) - 1
 _UINT64_MAX: Final = (1 << 64) - 1
-
-WireDtypeName = Literal["float32", "bfloat16", "float16", "float32-huffman"]
-
-
-@dataclass(frozen=True, slots=True)
-class _WireDtypeSpec:
-    name: WireDtypeName
-    proto_value: int
-    torch_dtype: torch.dtype
-    element_bytes: int
-
-
-_WIRE_DTYPES: Final[dict[str, _WireDtypeSpec]] = {
-    "float32": _WireDtypeSpec("float32", pb.WIRE_DTYPE_FLOAT32, torch.float32, 4),
-    "bfloat16": _WireDtypeSpec("bfloat16", pb.WIRE_DTYPE_BFLOAT16, torch.bfloat16, 2),
-    "float16": _WireDtypeSpec("float16", pb.WIRE_DTYPE_FLOAT16, torch.float16, 2),
-    # Bit-exact float32 with its exponent bytes Huffman-coded (agent.transport.exponent_coding); the
-    # payload is 3 bytes per element plus the coded plane, less than 4 bytes per element.
-    "float32-huffman": _WireDtypeSpec("float32-huffman", pb.WIRE_DTYPE_FLOAT32_HUFFMAN, torch.float32, 4),
-}
-_WIRE_DTYPES_BY_PROTO: Final = {spec.proto_value: spec for spec in _WIRE_DTYPES.values()}
-WIRE_DTYPE_NAMES: Final = tuple(_WIRE_DTYPES)
-
-
-def _wire_dtype_spec(wire_dtype: str) -> _WireDtypeSpec:
-    try:
-        return _WIRE_DTYPES[wire_dtype]
-    except KeyError:
-        raise ValueError(
-            f"unknown wire_dtype {wire_dtype!r}; expected one of {', '.join(WIRE_DTYPE_NAMES)}"
-        ) from None
-
-
-def payload_crc32(data: memoryview | bytes, value: int = 0) -> int:
-    """CRC-32 of `data` continuing from `value`: the VectorHeader.checksum algorithm, in one place.
-
-    zlib's CRC-32 (same polynomial and values as `zlib.crc32`), so peers running an older agent that
-    used zlib directly interoperate. Incremental: crc(a + b) == payload_crc32(b, payload_crc32(a)).
-    """
-    return _crc32(data, value)
-
-
-def all_finite(values: torch.Tensor) -> bool:
-    """True iff no element of the floating-point tensor `values` is NaN or ±inf.
-
-    Fast path: a sum is finite only if every addend is (NaN and inf propagate through addition and
-    nothing turns them finite again), and torch.sum runs ~3x faster than aminmax (2.5 vs 7.5 ms per
-    64 MiB). A non-finite sum may also be an overflow of finite values (|x| near 3e38), so that case
-    is decided exactly by aminmax, a single pass with no n-sized temporary (isfinite has one).
-    """
-    if values.numel() == 0:
-        return True
-    if math.isfinite(float(values.sum(dtype=torch.float32))):
-        return True
-    low, high = torch.aminmax(values)
-    return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
-def _require_little_endian() -> None:
-    # The payload is the in-memory representation; on a big-endian host it would be byte-swapped.
-    if sys.byteorder != "little":
-        raise RuntimeError("dpgan transport requires a little-endian host (payload is raw memory)")
 
 
 def _check_unsigned(name: str, value: int, maximum: int) -> int:
@@ -150,6 +92,7 @@ class WireErrorKind(StrEnum):
     BAD_SHAPE = "bad_shape"
     TOO_LARGE = "too_large"
     COMPRESSION = "compression"  # a compressed-gossip header or payload that does not fit its vector
+    REFERENCE_MISSING = "reference_missing"  # a float32-delta push against a vector the receiver lacks
 
 
 class WireError(ValueError):
@@ -158,112 +101,6 @@ class WireError(ValueError):
     def __init__(self, kind: WireErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-# ---------------------------------------------------------------------------------------------------
-# Encoding
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class WireVector:
-    """A tensor already converted to its wire bytes, with the checksum computed.
-
-    Preparing is the expensive part of a push (dtype conversion and CRC over the whole payload), so
-    the agent prepares its vector once per round and pushes the same WireVector to every neighbour.
-    `payload` may alias the source tensor's memory (float32 on CPU): the source must not be modified
-    until every push of it has finished. If it is, the receiver detects it through the checksum and
-    rejects the push; it can never deliver a torn vector.
-    """
-
-    payload: memoryview
-    wire_dtype: WireDtypeName
-    element_count: int
-    checksum: int
-    shape: tuple[int, ...]
-    # Keeps the tensor that owns `payload`'s memory alive for as long as this object exists.
-    _owner: torch.Tensor = field(repr=False)
-    # Compressed gossip (agent.core.choco): the edge header; wire_dtype is then int8/topk/randk, or
-    # float32 for a reset.
-    edge: pb.EdgeCopy | None = None
-    # float32-huffman: bytes of the coded exponent plane at the end of the payload (0 otherwise).
-    coded_bytes: int = 0
-    # float32-huffman: seconds the sender spent coding (also when the coding did not pay and the vector
-    # went as float32); what wire_dtype float32-auto weighs against the link time it saves.
-    coding_seconds: float = 0.0
-
-    @property
-    def payload_bytes(self) -> int:
-        return self.payload.nbytes
-
-
-def prepare_vector(tensor: torch.Tensor, wire_dtype: str = "float32") -> WireVector:
-    """Convert a float32 tensor (any shape, any device) to wire bytes and checksum it.
-
-    Raises ValueError for a non-float32 tensor, non-finite values, or values that overflow the wire
-    dtype (float16 tops out at 65504), so a sender finds out about its own problem instead of every
-    receiver refusing the push. ``float32-huffman`` falls back to plain float32 for a vector whose
-    exponent bytes do not compress (the result's ``wire_dtype`` says which was chosen).
-    """
-    _require_little_endian()
-    spec = _wire_dtype_spec(wire_dtype)
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype != torch.float32:
-        raise ValueError(f"only float32 tensors can be sent, got {tensor.dtype}")
-    shape = tuple(tensor.shape)
-    # reshape(-1) is a view for contiguous tensors; .contiguous() copies only when it must.
-    flat = tensor.detach().to(device="cpu").reshape(-1).contiguous()
-    wire = flat if spec.torch_dtype == torch.float32 else flat.to(spec.torch_dtype)
-    if not all_finite(wire):
-        if wire is not flat and all_finite(flat):
-            raise ValueError(
-                f"vector does not fit {wire_dtype}: values overflow to inf "
-                f"(float32 range {float(flat.min())}..{float(flat.max())})"
-            )
-        raise ValueError("refusing to send a vector containing NaN or inf")
-    # numpy has no bfloat16, so view the raw bytes as uint8 first; no copy either way.
-    owner, wire_dtype, coded_bytes, coding_seconds = wire.view(torch.uint8), spec.name, 0, 0.0
-    if spec.name == "float32-huffman":
-        started = time.perf_counter()
-        coded = exponent_coding.encode(flat)
-        coding_seconds = time.perf_counter() - started
-        if coded is None:
-            wire_dtype = "float32"  # coding would not pay: the plain bytes (already checked finite)
-        else:
-            owner, coded_bytes = coded
-    payload = memoryview(owner.numpy()).cast("B")
-    return WireVector(
-        payload=payload,
-        wire_dtype=wire_dtype,  # type: ignore[arg-type]
-        element_count=flat.numel(),
-        checksum=payload_crc32(payload),
-        shape=shape,
-        _owner=owner,
-        coded_bytes=coded_bytes,
-        coding_seconds=coding_seconds,
-    )
-
-
-def prepare_edge_message(message: EdgeMessage) -> WireVector:
-    """A compressed-gossip message (``agent.core.choco``) as wire bytes: a reset as the float32 vector,
-    a difference in its compressor's layout (``agent.transport.codecs``); ``edge`` carries the header."""
-    if message.reset:
-        prepared = prepare_vector(message.dense, "float32")
-        return dataclasses.replace(prepared, edge=codecs.edge_header(message))
-    compressed = message.compressed
-    assert compressed is not None, "a difference message carries its compressed form"
-    packed = codecs.pack(compressed)
-    payload = memoryview(packed.numpy()).cast("B")
-    return WireVector(
-        payload=payload,
-        wire_dtype=compressed.kind,  # type: ignore[arg-type]
-        element_count=compressed.length,
-        checksum=payload_crc32(payload),
-        shape=(compressed.length,),
-        _owner=packed,
-        edge=codecs.edge_header(message),
-    )
 
 
 # Wire framing. A serialized VectorChunk is just its fields in field-number order:
@@ -399,6 +236,8 @@ def iter_frames(
         shape=wire_vector.shape if include_shape else (),
         edge=wire_vector.edge,
         coded_bytes=wire_vector.coded_bytes,
+        reference=wire_vector.reference,
+        keep_reference=wire_vector.keep_reference,
     )
     header_bytes = header.SerializeToString()
     header_field = bytes([_HEADER_FIELD_TAG]) + _encode_varint(len(header_bytes)) + header_bytes
@@ -503,6 +342,9 @@ class ExpectedVector:
     # float32 resets); a push of another kind is refused. None: any kind (decoding tools, tests).
     gossip: codecs.GossipKind | None = None
     device: torch.device | str = "cpu"
+    # float32-delta: the receiver's references (agent.transport.references), read once the header names
+    # one; a delta push is refused (REFERENCE_MISSING) without them or without the one it names.
+    references: References | None = None
 
     def __post_init__(self) -> None:
         # Accept plain (iteration, round) tuples from callers; error messages use the field names.
@@ -532,6 +374,8 @@ class DecodedVector:
     # Compressed gossip: the edge header; ``vector`` is then the dense difference (or, for a reset, the
     # sender's vector). Its wire_dtype is int8/topk/randk (float32 for a reset).
     edge: pb.EdgeCopy | None = None
+    # The sender asks the receiver to keep this vector as the reference of its next float32-delta push.
+    keep_reference: bool = False
 
     @property
     def position(self) -> Position:
@@ -564,7 +408,8 @@ class VectorAssembler:
         self._sums_finite = True
         self._finished = False
         self._compressed = False  # a compressed-gossip difference (codecs), decoded in finish()
-        self._coded = False  # float32-huffman (exponent_coding), decoded in finish()
+        self._coded = False  # float32-huffman (exponent_coding) or float32-delta, decoded in finish()
+        self._reference: torch.Tensor | None = None  # float32-delta: the vector the payload is coded against
 
     @property
     def header(self) -> pb.VectorHeader | None:
@@ -577,8 +422,8 @@ class VectorAssembler:
 
     @property
     def inflates(self) -> bool:
-        """Whether finish() decodes a float32-huffman payload (milliseconds of CPU per MB): a caller on an
-        event loop runs finish() in a thread then. Known once the header has been added."""
+        """Whether finish() decodes a float32-huffman or float32-delta payload (milliseconds of CPU per MB):
+        a caller on an event loop runs finish() in a thread then. Known once the header has been added."""
         return self._coded
 
     def add(self, chunk: pb.VectorChunk | RawChunk) -> None:
@@ -644,6 +489,7 @@ class VectorAssembler:
             vector=vector,
             name=header.name,
             edge=header.edge if header.HasField("edge") else None,
+            keep_reference=header.keep_reference,
         )
 
     def _widened(self, wire_tensor: torch.Tensor) -> torch.Tensor:
@@ -660,14 +506,19 @@ class VectorAssembler:
         return vector
 
     def _inflated(self, header: pb.VectorHeader, buffer: torch.Tensor) -> torch.Tensor:
-        """The float32 vector of a float32-huffman payload, checked finite."""
-        count = header.element_count
+        """The float32 vector of a float32-huffman or float32-delta payload, checked finite."""
+        count, coded = header.element_count, header.coded_bytes
         try:
             # Into recycled memory, as _widened does: a fresh tensor would page-fault on every push.
             out = RECEIVE_BUFFERS.take(4 * count)
-            vector = exponent_coding.decode(buffer, count, header.coded_bytes, out)
+            if self._reference is not None:
+                vector = delta_coding.decode(buffer, count, coded, self._reference, out)
+            else:
+                vector = exponent_coding.decode(buffer, count, coded, out)
         except codecs.CodecError as error:
-            raise WireError(WireErrorKind.COMPRESSION, f"float32-huffman payload: {error}") from None
+            raise WireError(
+                WireErrorKind.COMPRESSION, f"{header_dtype_name(header)} payload: {error}"
+            ) from None
         _require_finite(vector)
         return vector
 
@@ -728,22 +579,24 @@ class VectorAssembler:
         self._header = header
         self._spec = spec
         self._total_bytes = header.element_count * spec.element_bytes
-        self._coded = spec.name == "float32-huffman"
+        self._coded = spec.name in _CODED
         if self._coded:
+            coding = _CODED[spec.name]
             count, coded = header.element_count, header.coded_bytes
-            if not 0 < coded <= exponent_coding.max_coded_bytes(count):
+            if not 0 < coded <= coding.max_coded_bytes(count):
                 raise WireError(
                     WireErrorKind.COMPRESSION,
-                    f"float32-huffman header: coded_bytes {coded} is outside "
-                    f"[1, {exponent_coding.max_coded_bytes(count)}] for {count} elements",
+                    f"{spec.name} header: coded_bytes {coded} is outside "
+                    f"[1, {coding.max_coded_bytes(count)}] for {count} elements",
                 )
-            self._total_bytes = exponent_coding.payload_bytes(count, coded)
+            self._total_bytes = coding.payload_bytes(count, coded)
         elif header.coded_bytes:
             raise WireError(
                 WireErrorKind.BAD_DTYPE,
                 f"coded_bytes {header.coded_bytes} is set on a {spec.name} payload; only "
-                "float32-huffman carries it",
+                f"{' and '.join(_CODED)} carry it",
             )
+        self._check_reference(header, spec)
         if self._compressed:
             try:
                 self._total_bytes = codecs.payload_bytes(header.dtype, header.element_count, header.edge)
@@ -757,6 +610,34 @@ class VectorAssembler:
         self._buffer_view = memoryview(self._buffer.numpy()).cast("B")
         plain = not (self._compressed or self._coded)
         self._values = self._buffer.view(spec.torch_dtype) if plain else None
+
+    def _check_reference(self, header: pb.VectorHeader, spec: _WireDtypeSpec) -> None:
+        """A float32-delta push names a reference the receiver holds; the reference fields appear on
+        nothing else, and keep_reference on float32 vectors only."""
+        if header.keep_reference and (spec.torch_dtype != torch.float32 or header.HasField("edge")):
+            raise WireError(
+                WireErrorKind.BAD_DTYPE,
+                f"keep_reference is set on a {spec.name} payload; only float32 carries it",
+            )
+        if spec.name != "float32-delta":
+            if header.HasField("reference"):
+                raise WireError(
+                    WireErrorKind.BAD_DTYPE,
+                    f"a reference is named on a {spec.name} payload; only float32-delta carries one",
+                )
+            return
+        if not header.HasField("reference"):
+            raise WireError(WireErrorKind.BAD_DTYPE, "a float32-delta header names no reference")
+        references = self._expected.references
+        if references is None:
+            raise WireError(
+                WireErrorKind.REFERENCE_MISSING, "float32-delta is not accepted here: no references are kept"
+            )
+        try:
+            held = references.find(header.sender_id, header.reference, header.element_count)
+        except ReferenceMissing as missing:
+            raise WireError(WireErrorKind.REFERENCE_MISSING, str(missing)) from None
+        self._reference = held.vector
 
     def _edge_spec(self, header: pb.VectorHeader, spec: _WireDtypeSpec | None) -> _WireDtypeSpec:
         """The dtype spec of a compressed-gossip push (``header.edge`` set): a compressed dtype, or
@@ -860,6 +741,15 @@ class VectorAssembler:
                 self._checked_elements = end
 
 
+# The coded float32 dtypes: their payload layouts (both end in a zlib stream of coded_bytes bytes).
+_CODED: Final = {"float32-huffman": exponent_coding, "float32-delta": delta_coding}
+
+
+def header_dtype_name(header: pb.VectorHeader) -> str:
+    spec = _WIRE_DTYPES_BY_PROTO.get(header.dtype)
+    return spec.name if spec is not None else f"dtype {header.dtype}"
+
+
 def _require_finite(vector: torch.Tensor) -> None:
     if not all_finite(vector):
         non_finite = int((~torch.isfinite(vector)).sum())
@@ -875,3 +765,28 @@ def decode_vector(chunks: Iterable[pb.VectorChunk | RawChunk], expected: Expecte
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.finish()
+
+
+__all__ = [
+    "WIRE_DTYPE_NAMES",
+    "DecodedVector",
+    "ExpectedVector",
+    "Position",
+    "RawChunk",
+    "VectorAssembler",
+    "WireDtypeName",
+    "WireError",
+    "WireErrorKind",
+    "WireVector",
+    "all_finite",
+    "decode_vector",
+    "encode_vector",
+    "header_dtype_name",
+    "iter_chunks",
+    "iter_frames",
+    "parse_chunk",
+    "payload_crc32",
+    "prepare_edge_message",
+    "prepare_vector",
+    "split_chunk",
+]

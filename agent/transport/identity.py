@@ -137,7 +137,7 @@ def _collect_differences(path: str, local: Any, remote: Any, differences: list[s
 
 def _quote_value(path: str, value: Any) -> str:
     """A value as the message shows it: the float32 wires compare as "float32" (config.comparable_value),
-    which a node configured with float32-auto or float32-huffman would not recognise as its own."""
+    which a node configured with another float32 wire would not recognise as its own."""
     if path == "wire_dtype" and value == "float32":
         return f'"float32" (any of {", ".join(FLOAT32_WIRES)})'
     return _quote(value)

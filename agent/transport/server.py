@@ -65,6 +65,7 @@ from agent.transport.options import (
 )
 from agent.transport.positions import PeerPositions
 from agent.transport.protocol import GOSSIP_SERVICE_NAME, PROTOCOL_VERSION
+from agent.transport.references import Reference, References
 from agent.transport.state import StateSnapshot, encode_state
 from agent.transport.tls import TransportSecurity, caller_identity, claim_refusal
 from agent.transport.watchdog import StallWatchdog
@@ -86,6 +87,7 @@ _STATUS_BY_WIRE_ERROR: Final = {
     WireErrorKind.STALE: pb.PUSH_STATUS_STALE,
     WireErrorKind.TOO_FAR_AHEAD: pb.PUSH_STATUS_TOO_FAR_AHEAD,
     WireErrorKind.EPOCH_MISMATCH: pb.PUSH_STATUS_EPOCH_MISMATCH,
+    WireErrorKind.REFERENCE_MISSING: pb.PUSH_STATUS_REFERENCE_MISSING,
 }
 
 
@@ -304,6 +306,8 @@ class GossipServer:
         self._bytes_received = 0
         self._logged_rejections: set[tuple[str, str]] = set()
         self._rejection_counts: Counter[tuple[str, str]] = Counter()
+        # float32-delta: per sender, the last vector it pushed with keep_reference (transport.references)
+        self._references = References()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -423,6 +427,12 @@ class GossipServer:
     def forget_peer(self, node_id: str) -> None:
         """Require `node_id` to handshake again before its next push (e.g. after a membership change)."""
         self._peers.pop(node_id, None)
+        self._references.drop(node_id)
+
+    @property
+    def reference_bytes(self) -> int:
+        """Bytes held as float32-delta references of the senders (one vector per sender that asks)."""
+        return self._references.bytes_held
 
     # ---- RPC handlers ----------------------------------------------------------------------------
 
@@ -750,6 +760,7 @@ class GossipServer:
                             membership_epoch=None,
                             device=self._device,
                             gossip=self._gossip,
+                            references=self._references,
                         )
                     )
                     assembler.add(chunk)
@@ -796,6 +807,12 @@ class GossipServer:
             )
         )
         if outcome.delivered:
+            # The sender codes its next float32-delta push to us against this vector, or stops coding.
+            if decoded.keep_reference:
+                reference = Reference.of(decoded.iteration, decoded.round, decoded.vector)
+                self._references.keep(decoded.sender_id, reference)
+            else:
+                self._references.drop(decoded.sender_id)
             return pb.PushAck(accepted=True, status=_STATUS_BY_OUTCOME[outcome])
         return self._reject(
             sender,

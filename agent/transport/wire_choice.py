@@ -36,6 +36,7 @@ CODING_WINDOW = 5  # the coding cost is the least over this many recent codings
 SWITCH_ON = 1.5  # code when the saved link time exceeds this multiple of the coding cost
 SWITCH_OFF = 0.67  # ... and stop when it falls below this multiple
 REPROBE_EVERY = 50  # plain vectors between two coded ones while the measurements alone say no
+CODED = "float32-delta"  # what a coded round sends: against each edge's reference, or exponent-coded
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ class WireChoice:
         self.recent_code_seconds_per_byte: deque[float] = deque(maxlen=CODING_WINDOW)
         self.coding = False
         self.plain_since_coded = 0
-        self.vectors = {"float32": 0, "float32-huffman": 0}  # vectors prepared, by wire dtype chosen
+        # Vectors sent, one per neighbour and push, by the encoding they went in (a coded round sends
+        # float32-delta to neighbours holding a reference, float32-huffman to the others).
+        self.vectors = {"float32": 0, "float32-huffman": 0, "float32-delta": 0}
 
     @property
     def push_rate(self) -> float | None:
@@ -110,15 +113,19 @@ class WireChoice:
         return Measurements(self.push_rate, self.saving, self.code_seconds_per_byte)
 
     def next_wire_dtype(self) -> tuple[str, bool]:
-        """The next vector's wire dtype (``float32-huffman`` or ``float32``), and whether the choice
+        """The next vector's wire dtype (``float32-delta``: coded, or ``float32``), and whether the choice
         changed with it (for the caller's log; a probe codes one vector and leaves the choice plain)."""
         was = self.coding
         decision = decide(self.measurements(), self.coding, self.plain_since_coded)
         self.coding = decision == "code"
         self.plain_since_coded = 0 if decision != "plain" else self.plain_since_coded + 1
-        wire_dtype = "float32" if decision == "plain" else "float32-huffman"
-        self.vectors[wire_dtype] += 1
+        wire_dtype = "float32" if decision == "plain" else CODED
         return wire_dtype, self.coding != was
+
+    def count_sent(self, wire_dtypes: list[str]) -> None:
+        """Vectors about to be sent, one per neighbour, by the encoding each goes in."""
+        for wire_dtype in wire_dtypes:
+            self.vectors[wire_dtype] = self.vectors.get(wire_dtype, 0) + 1
 
     def describe(self) -> dict[str, float | None]:
         """The measurements in an operator's units (for logs)."""

@@ -17,6 +17,7 @@ class WireDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WIRE_DTYPE_TOPK: _ClassVar[WireDtype]
     WIRE_DTYPE_RANDK: _ClassVar[WireDtype]
     WIRE_DTYPE_FLOAT32_HUFFMAN: _ClassVar[WireDtype]
+    WIRE_DTYPE_FLOAT32_DELTA: _ClassVar[WireDtype]
 
 class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ class PushStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_STATUS_MALFORMED: _ClassVar[PushStatus]
     PUSH_STATUS_EPOCH_MISMATCH: _ClassVar[PushStatus]
     PUSH_STATUS_FORBIDDEN: _ClassVar[PushStatus]
+    PUSH_STATUS_REFERENCE_MISSING: _ClassVar[PushStatus]
 WIRE_DTYPE_UNSPECIFIED: WireDtype
 WIRE_DTYPE_FLOAT32: WireDtype
 WIRE_DTYPE_BFLOAT16: WireDtype
@@ -38,6 +40,7 @@ WIRE_DTYPE_INT8_BLOCKS: WireDtype
 WIRE_DTYPE_TOPK: WireDtype
 WIRE_DTYPE_RANDK: WireDtype
 WIRE_DTYPE_FLOAT32_HUFFMAN: WireDtype
+WIRE_DTYPE_FLOAT32_DELTA: WireDtype
 PUSH_STATUS_UNSPECIFIED: PushStatus
 PUSH_STATUS_ACCEPTED: PushStatus
 PUSH_STATUS_BUFFERED_AHEAD: PushStatus
@@ -48,6 +51,7 @@ PUSH_STATUS_NOT_HANDSHAKEN: PushStatus
 PUSH_STATUS_MALFORMED: PushStatus
 PUSH_STATUS_EPOCH_MISMATCH: PushStatus
 PUSH_STATUS_FORBIDDEN: PushStatus
+PUSH_STATUS_REFERENCE_MISSING: PushStatus
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("protocol_version", "node_id", "advertise_address", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id", "run_id")
@@ -124,7 +128,7 @@ class HandshakeResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class VectorHeader(_message.Message):
-    __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape", "edge", "coded_bytes")
+    __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape", "edge", "coded_bytes", "reference", "keep_reference")
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +141,8 @@ class VectorHeader(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
     CODED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     sender_id: str
     iteration: int
     round: int
@@ -149,7 +155,19 @@ class VectorHeader(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     edge: EdgeCopy
     coded_bytes: int
-    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., element_count: _Optional[int] = ..., checksum: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., edge: _Optional[_Union[EdgeCopy, _Mapping]] = ..., coded_bytes: _Optional[int] = ...) -> None: ...
+    reference: DeltaReference
+    keep_reference: bool
+    def __init__(self, sender_id: _Optional[str] = ..., iteration: _Optional[int] = ..., round: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., dtype: _Optional[_Union[WireDtype, str]] = ..., element_count: _Optional[int] = ..., checksum: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., edge: _Optional[_Union[EdgeCopy, _Mapping]] = ..., coded_bytes: _Optional[int] = ..., reference: _Optional[_Union[DeltaReference, _Mapping]] = ..., keep_reference: _Optional[bool] = ...) -> None: ...
+
+class DeltaReference(_message.Message):
+    __slots__ = ("iteration", "round", "checksum")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    round: int
+    checksum: int
+    def __init__(self, iteration: _Optional[int] = ..., round: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class EdgeCopy(_message.Message):
     __slots__ = ("reset", "base", "seen", "kept", "seed", "block")

@@ -1,0 +1,269 @@
+"""float32-delta on the wire: bit-exact float32 coded against the last vector sent on the edge
+(agent.transport.delta_coding, agent.transport.references), through the real framing and reassembly and
+over real gRPC; the malformed payloads and unknown references a peer could send; a receiver that lost its
+reference refuses, and nothing wrong is ever delivered."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from agent.transport import delta_coding
+from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
+from agent.transport.client import PeerClient
+from agent.transport.codecs import CodecError
+from agent.transport.frames import (
+    ExpectedVector,
+    WireError,
+    WireErrorKind,
+    WireVector,
+    decode_vector,
+    iter_chunks,
+    payload_crc32,
+    prepare_vector,
+)
+from agent.transport.references import Reference, References
+from tests.test_transport import bits, gossip_node, identity, run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _weights(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def _step(x: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """x after a few small optimizer steps: the same signs and exponents, other low bits."""
+    return x + torch.randn(x.numel(), generator=torch.Generator().manual_seed(seed)) * 1e-5
+
+
+def _held(sender: str, reference: Reference) -> References:
+    references = References()
+    references.keep(sender, reference)
+    return references
+
+
+def _received(wire: WireVector, count: int, references: References | None, chunk_bytes: int = 65536):
+    chunks = iter_chunks(wire, sender_id="a", iteration=3, chunk_bytes=chunk_bytes)
+    return decode_vector(chunks, ExpectedVector(element_count=count, references=references))
+
+
+@pytest.mark.parametrize("chunk_bytes", [65536, 65537, 1 << 20])
+def test_a_vector_coded_against_its_reference_arrives_bit_for_bit_and_far_smaller(chunk_bytes: int) -> None:
+    x0 = _weights(200_000)
+    x1 = _step(x0)
+    reference = Reference.of(0, 0, x0)
+    wire = prepare_vector(x1, "float32-delta", reference, keep_reference=True)
+    assert wire.wire_dtype == "float32-delta" and wire.keep_reference
+    assert wire.reference == reference.header()
+    assert wire.payload_bytes < 0.75 * 4 * x1.numel()  # exponent coding alone: ~0.83
+    decoded = _received(wire, x1.numel(), _held("a", reference), chunk_bytes)
+    assert torch.equal(bits(decoded.vector), bits(x1))
+    assert decoded.wire_dtype == "float32-delta" and decoded.keep_reference
+
+
+def test_special_values_keep_their_bits_against_any_reference() -> None:
+    x = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3.4e38, -3.4e38, 1.0, -2.5, 7.0] * 1000)
+    reference = torch.tensor([1.0, 2.0, -3.0, 1e-45, 0.0, -0.0, 3.4e38, 1.0, 2.5, 7.0] * 1000)
+    payload, coded = delta_coding.encode(x, reference)
+    assert torch.equal(bits(delta_coding.decode(payload, x.numel(), coded, reference)), bits(x))
+
+
+def test_vectors_too_far_apart_go_exponent_coded_and_without_a_reference_too() -> None:
+    x = _weights(50_000, seed=3)
+    noise = torch.randint(-(2**31), 2**31 - 1, (50_000,), dtype=torch.int32, generator=torch.Generator())
+    unrelated = Reference.of(0, 0, noise.view(torch.float32))
+    assert delta_coding.encode(x, unrelated.vector) is None
+    # A reference of another model: the delta still codes, but worse than the exponents alone.
+    other = Reference.of(0, 0, torch.randn(50_000) * 100)
+    assert prepare_vector(x, "float32-delta", other).wire_dtype == "float32-huffman"
+    far = prepare_vector(x, "float32-delta", unrelated, keep_reference=True)
+    alone = prepare_vector(x, "float32-delta", None, keep_reference=True)
+    for wire in (far, alone):
+        assert wire.wire_dtype == "float32-huffman" and wire.reference is None and wire.keep_reference
+        assert torch.equal(bits(_received(wire, x.numel(), None).vector), bits(x))
+
+
+def test_a_receiver_without_the_named_reference_refuses_and_says_what_it_holds() -> None:
+    x0, x1, x2 = _weights(10_000), _step(_weights(10_000)), _step(_weights(10_000), seed=2)
+    wire = prepare_vector(x2, "float32-delta", Reference.of(0, 1, x1), keep_reference=True)
+    assert wire.wire_dtype == "float32-delta"
+    cases = [
+        (None, "no references are kept"),
+        (References(), "no reference is held for 'a'"),
+        # Held: another position, or the same position with other bits (a sender that rewound and
+        # recomputed it): the checksum tells them apart.
+        (_held("a", Reference.of(0, 0, x0)), "the reference held for 'a' is (iteration 0, round 0"),
+        (_held("a", Reference.of(0, 1, x0)), "the reference held for 'a' is (iteration 0, round 1"),
+        (_held("b", Reference.of(0, 1, x1)), "no reference is held for 'a'"),
+    ]
+    for references, message in cases:
+        with pytest.raises(WireError, match=r"coded against|no references") as error:
+            _received(wire, x2.numel(), references)
+        assert error.value.kind is WireErrorKind.REFERENCE_MISSING
+        assert message in str(error.value)
+    assert torch.equal(_received(wire, x2.numel(), _held("a", Reference.of(0, 1, x1))).vector, x2)
+
+
+def _delta_header(count: int, coded_bytes: int, **fields) -> pb.VectorHeader:
+    header = pb.VectorHeader(
+        sender_id="a",
+        dtype=pb.WIRE_DTYPE_FLOAT32_DELTA,
+        element_count=count,
+        chunk_bytes=1 << 20,
+        coded_bytes=coded_bytes,
+    )
+    for name, value in fields.items():
+        if isinstance(value, pb.DeltaReference):
+            getattr(header, name).CopyFrom(value)
+        else:
+            setattr(header, name, value)
+    return header
+
+
+def _decode_raw(header: pb.VectorHeader, payload: bytes, references: References | None) -> torch.Tensor:
+    header.checksum = payload_crc32(payload)
+    chunk = pb.VectorChunk(header=header, data=payload)
+    expected = ExpectedVector(element_count=header.element_count, references=references)
+    return decode_vector([chunk], expected).vector
+
+
+def _stream(data: bytes) -> bytes:
+    coder = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return coder.compress(data) + coder.flush()
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (b"\x00" * 10, "does not inflate"),
+        (_stream(bytes(64)), "inflates to 64 bytes, expected 200"),
+        (_stream(bytes(400)), "more than 200 bytes"),
+        (_stream(bytes(200))[:-4], "ends before its end marker"),
+        (_stream(bytes(200)) + b"\x00", "bytes after its end"),
+    ],
+)
+def test_a_malformed_high_plane_stream_is_a_wire_error(stream: bytes, message: str) -> None:
+    count = 100
+    reference = Reference.of(0, 0, _weights(count))
+    header = _delta_header(count, len(stream), reference=reference.header())
+    with pytest.raises(WireError, match=message) as error:
+        _decode_raw(header, bytes(2 * count) + stream, _held("a", reference))
+    assert error.value.kind is WireErrorKind.COMPRESSION
+
+
+def test_a_delta_that_makes_nan_is_refused() -> None:
+    count = 100
+    reference = Reference.of(0, 0, torch.ones(count))
+    # XOR with 1.0's bits (0x3f800000) turning the exponent all ones: 0x7f800001 is a NaN.
+    xor = torch.zeros(count, dtype=torch.int32)
+    xor[7] = 0x3F800000 ^ 0x7F800001
+    planes = xor.view(torch.uint8).view(count, 4).t().contiguous()
+    stream = _stream(planes[2:].numpy().tobytes())
+    header = _delta_header(count, len(stream), reference=reference.header())
+    with pytest.raises(WireError, match="non-finite") as error:
+        _decode_raw(header, planes[:2].numpy().tobytes() + stream, _held("a", reference))
+    assert error.value.kind is WireErrorKind.NON_FINITE
+
+
+def test_reference_fields_appear_only_where_they_mean_something() -> None:
+    count = 16
+    reference = Reference.of(0, 0, torch.ones(count))
+    payload = torch.ones(count).numpy().tobytes()
+    float32 = pb.VectorHeader(
+        sender_id="a", dtype=pb.WIRE_DTYPE_FLOAT32, element_count=count, chunk_bytes=1 << 16
+    )
+    float32.reference.CopyFrom(reference.header())
+    with pytest.raises(WireError, match="only float32-delta carries one"):
+        _decode_raw(float32, payload, _held("a", reference))
+    half = pb.VectorHeader(
+        sender_id="a",
+        dtype=pb.WIRE_DTYPE_BFLOAT16,
+        element_count=count,
+        chunk_bytes=1 << 16,
+        keep_reference=True,
+    )
+    with pytest.raises(WireError, match="keep_reference is set on a bfloat16 payload"):
+        _decode_raw(half, torch.ones(count, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes(), None)
+    with pytest.raises(WireError, match="names no reference"):
+        _decode_raw(_delta_header(count, 10), bytes(2 * count + 10), _held("a", reference))
+    with pytest.raises(WireError, match="coded_bytes 40 is outside"):
+        _decode_raw(_delta_header(count, 40, reference=reference.header()), bytes(72), _held("a", reference))
+    with pytest.raises(ValueError, match="keep_reference needs a float32 wire dtype"):
+        prepare_vector(torch.ones(count), "bfloat16", keep_reference=True)
+
+
+def test_decode_checks_sizes_itself() -> None:
+    reference = torch.ones(10)
+    with pytest.raises(CodecError, match="payload has 5 bytes"):
+        delta_coding.decode(torch.zeros(5, dtype=torch.uint8), 10, 3, reference)
+    with pytest.raises(ValueError, match="must hold 10 float32 elements"):
+        delta_coding.decode(torch.zeros(23, dtype=torch.uint8), 10, 3, torch.ones(9))
+    with pytest.raises(ValueError, match="the reference has 9 elements"):
+        delta_coding.encode(torch.ones(10), torch.ones(9))
+    assert delta_coding.encode(torch.ones(0), torch.ones(0)) is None
+
+
+def test_over_grpc_a_receiver_keeps_the_last_vector_asked_for_and_refuses_deltas_against_any_other() -> None:
+    """The receiver's side over real gRPC: a vector sent with keep_reference becomes the sender's
+    reference once delivered; a delta against it arrives bit for bit in fewer bytes; one against an older
+    vector, after a vector without keep_reference, after the peer was forgotten, or at a restarted receiver
+    (no references) is refused with REFERENCE_MISSING and delivers nothing."""
+    count = 100_000
+    x = [_weights(count)]
+    for step in range(1, 5):
+        x.append(_step(x[-1], seed=step))
+
+    async def scenario() -> None:
+        async with (
+            gossip_node("b", vector_length=count, rounds_per_iteration=1) as node,
+            PeerClient(node.server.address) as client,
+        ):
+            await client.handshake(identity("a"))
+
+            async def push(wire: WireVector, iteration: int) -> pb.PushAck:
+                return await client.push_vector(wire, iteration=iteration, round=0)
+
+            first = prepare_vector(x[0], "float32", keep_reference=True)
+            assert (await push(first, 0)).accepted
+            assert node.server.reference_bytes == 4 * count
+            node.inbox.expect(1, 0)
+            before = client.bytes_sent
+            delta = prepare_vector(x[1], "float32-delta", Reference.of(0, 0, x[0]), keep_reference=True)
+            ack = await push(delta, 1)
+            assert ack.accepted, ack.reason
+            assert client.bytes_sent - before < 0.75 * 4 * count
+            received = await node.inbox.wait_for(1, 0, {"a"}, timeout=2.0)
+            assert torch.equal(bits(received["a"]), bits(x[1]))
+            # Against x[0] again: the receiver moved on to x[1].
+            node.inbox.expect(2, 0)
+            stale = prepare_vector(x[2], "float32-delta", Reference.of(0, 0, x[0]), keep_reference=True)
+            ack = await push(stale, 2)
+            assert not ack.accepted and ack.status == pb.PUSH_STATUS_REFERENCE_MISSING
+            assert "the reference held for 'a' is (iteration 1, round 0" in ack.reason
+            assert await node.inbox.wait_for(2, 0, {"a"}, timeout=0.2) == {}
+            # A vector without keep_reference: the receiver drops the one it held.
+            assert (await push(prepare_vector(x[2], "float32"), 2)).accepted
+            assert node.server.reference_bytes == 0
+            node.inbox.expect(3, 0)
+            ack = await push(prepare_vector(x[3], "float32-delta", Reference.of(2, 0, x[2])), 3)
+            assert ack.status == pb.PUSH_STATUS_REFERENCE_MISSING
+            # Kept again, then forgotten (the peer left the view).
+            assert (await push(prepare_vector(x[3], "float32-huffman", keep_reference=True), 3)).accepted
+            node.server.forget_peer("a")
+            assert node.server.reference_bytes == 0
+        # A restarted receiver holds nothing.
+        async with (
+            gossip_node("b", vector_length=count, rounds_per_iteration=1) as node,
+            PeerClient(node.server.address) as client,
+        ):
+            await client.handshake(identity("a"))
+            wire = prepare_vector(x[4], "float32-delta", Reference.of(3, 0, x[3]), keep_reference=True)
+            ack = await client.push_vector(wire, iteration=0, round=0)
+            assert ack.status == pb.PUSH_STATUS_REFERENCE_MISSING
+            assert "no reference is held for 'a'" in ack.reason
+            assert await node.inbox.wait_for(0, 0, {"a"}, timeout=0.2) == {}
+
+    run(scenario)
