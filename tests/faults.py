@@ -608,6 +608,9 @@ def scenario_cut(
 # ---- scenario: kill -9 and restart with the same id ------------------------------------------------------
 
 
+REFERENCE_FALLBACK = "neighbour holds no reference; sending the vector itself"
+
+
 def scenario_restart(
     root: Path, resume: bool, victim: int = 2, down_s: float = 2.0, extra: Sequence[str] = ()
 ) -> Result:
@@ -651,6 +654,8 @@ def scenario_restart(
             speed_ratio=round(after / before, 3) if before else 0.0,
             restarted_via=how[:2],
             peer_restarted_logged=sum(e.get("event") == "peer restarted" for v in events.values() for e in v),
+            # float32-delta: pushes refused for want of a reference, sent again as the vector itself.
+            reference_fallbacks=sum(e.get("event") == REFERENCE_FALLBACK for v in events.values() for e in v),
             exit_codes=codes,
         )
         result.require(

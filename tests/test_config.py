@@ -95,12 +95,13 @@ def test_a_bad_value_from_a_config_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_the_float32_wires_are_one_configuration(tmp_path: Path) -> None:
-    """float32, float32-huffman and float32-auto (the default) carry the same bits and every receiver of
-    theirs takes both encodings: they hash and compare as float32, so run ids from before float32-auto
-    stay, nodes with either setting train together, and a checkpoint resumes under another of them."""
+    """float32, float32-huffman, float32-delta and float32-auto (the default) carry the same bits and every
+    receiver of theirs takes every encoding: they hash and compare as float32, so run ids from before
+    float32-auto stay, nodes with either setting train together, and a checkpoint resumes under another of
+    them."""
     before = build_config({"dataset": "ring8", "wire_dtype": "float32"})
     assert build_config({"dataset": "ring8"}).wire_dtype == "float32-auto"
-    for wire in ("float32-huffman", "float32-auto"):
+    for wire in ("float32-huffman", "float32-delta", "float32-auto"):
         config = build_config({"dataset": "ring8", "wire_dtype": wire})
         assert config.config_hash() == before.config_hash()
         assert config.effective_run_id() == before.effective_run_id()

@@ -146,7 +146,7 @@ def test_config_difference_names_this_node_and_the_peer() -> None:
     text = describe_config_difference(json.dumps(default), json.dumps(bf16))
     assert text == (
         'config keys differ: wire_dtype (this node: "float32" (any of float32, float32-huffman, '
-        'float32-auto), peer: "bfloat16")'
+        'float32-delta, float32-auto), peer: "bfloat16")'
     )
 
 

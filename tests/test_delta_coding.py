@@ -10,10 +10,11 @@ import zlib
 import pytest
 import torch
 
+from agent.core.compression import Compressor
 from agent.transport import delta_coding
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerClient
-from agent.transport.codecs import CodecError
+from agent.transport.codecs import CodecError, GossipKind
 from agent.transport.frames import (
     ExpectedVector,
     WireError,
@@ -105,6 +106,25 @@ def test_a_receiver_without_the_named_reference_refuses_and_says_what_it_holds()
         assert error.value.kind is WireErrorKind.REFERENCE_MISSING
         assert message in str(error.value)
     assert torch.equal(_received(wire, x2.numel(), _held("a", Reference.of(0, 1, x1))).vector, x2)
+
+
+def test_every_float32_run_takes_a_delta_and_no_other_run_does() -> None:
+    x0 = _weights(10_000)
+    reference = Reference.of(0, 0, x0)
+    wire = prepare_vector(_step(x0), "float32-delta", reference, keep_reference=True)
+    assert wire.wire_dtype == "float32-delta"
+
+    def decoded(gossip: GossipKind) -> torch.Tensor:
+        chunks = iter_chunks(wire, sender_id="a", chunk_bytes=65536)
+        expected = ExpectedVector(element_count=x0.numel(), gossip=gossip, references=_held("a", reference))
+        return decode_vector(chunks, expected).vector
+
+    for wire_dtype in ("float32", "float32-huffman", "float32-delta", "float32-auto"):
+        assert torch.equal(bits(decoded(GossipKind(wire_dtype=wire_dtype))), bits(_step(x0)))
+    with pytest.raises(WireError, match="travel as bfloat16 \\(wire_dtype\\), not float32-delta"):
+        decoded(GossipKind(wire_dtype="bfloat16"))
+    with pytest.raises(WireError, match="gossips topk-compressed differences, not plain vectors"):
+        decoded(GossipKind(Compressor("topk", 0.01)))
 
 
 def _delta_header(count: int, coded_bytes: int, **fields) -> pb.VectorHeader:
