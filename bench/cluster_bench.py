@@ -17,8 +17,10 @@ Systems, all on the same model, per-node batch, data split and per-node random s
   one-peer-exp-eager   the same with --pace off (every vector pushed as soon as it exists)
   ring-bf16      dpgan-agent, ring, t = 1, bfloat16 on the wire
   one-peer-exp-huffman one-peer exponential, float32-huffman on the wire (float32's bits, exponents coded)
+  one-peer-exp-delta   one-peer exponential, float32-delta on the wire (float32's bits, coded against the
+                 last vector sent on the edge)
   one-peer-exp-auto    one-peer exponential, float32-auto on the wire (the agent's default: float32's bits,
-                 exponents coded when the measured link is slow enough for it to pay)
+                 coded like float32-delta when the measured link is slow enough for it to pay)
   one-peer-exp-bf16    one-peer exponential, bfloat16 on the wire
   one-peer-exp-int8    one-peer exponential, compressed gossip (CHOCO, error feedback): int8, γ = 1
   one-peer-exp-topk    the same with top-k, 1 % of the entries per message, γ = 0.04
@@ -154,6 +156,13 @@ SYSTEMS: dict[str, System] = {
             "agent",
             topology="one_peer_exponential",
             wire_dtype="float32-huffman",
+        ),
+        System(
+            "one-peer-exp-delta",
+            "DPOSG one-peer exponential, float32-delta wire",
+            "agent",
+            topology="one_peer_exponential",
+            wire_dtype="float32-delta",
         ),
         System(
             "one-peer-exp-auto",
@@ -771,7 +780,11 @@ def goal_lines(results: list[LaunchResult]) -> list[str]:
         (name, base, bound)
         for name in ("one-peer-exp-int8", "one-peer-exp-topk", "one-peer-exp-randk")
         for base, bound in (("allreduce", 0.3), ("allreduce-fp16", 0.6))
-    ] + [("one-peer-exp-huffman", "allreduce", 0.6), ("one-peer-exp-auto", "allreduce", 0.6)]
+    ] + [
+        ("one-peer-exp-huffman", "allreduce", 0.6),
+        ("one-peer-exp-delta", "allreduce", 0.6),
+        ("one-peer-exp-auto", "allreduce", 0.6),
+    ]
     for name, base, bound in [
         ("ring", "ps", 0.25),
         ("one-peer-exp", "ps", 0.25),
@@ -1077,6 +1090,7 @@ def quality_goal_lines(table: dict[tuple[str, int], dict[str, Any]], args: argpa
     for name, base, bound in (
         ("one-peer-exp", "allreduce", 0.6),
         ("one-peer-exp-huffman", "allreduce", 0.6),
+        ("one-peer-exp-delta", "allreduce", 0.6),
         ("one-peer-exp-auto", "allreduce", 0.6),
         ("one-peer-exp-int8", "allreduce", 0.3),
         ("one-peer-exp-int8", "allreduce-fp16", 0.6),
@@ -1292,6 +1306,7 @@ QUALITY_SETTINGS = (
 EXTRA_STYLES = {
     "one-peer-exp-bf16": ((120, 120, 120), "one-peer exp., bf16 wire"),
     "one-peer-exp-huffman": ((200, 80, 80), "one-peer exp., float32-huffman wire"),
+    "one-peer-exp-delta": ((150, 60, 200), "one-peer exp., float32-delta wire"),
     "one-peer-exp-auto": ((230, 120, 60), "one-peer exp., float32-auto wire (default)"),
     "one-peer-exp-int8": ((120, 40, 160), "one-peer exp., CHOCO int8"),
     "one-peer-exp-topk": ((0, 90, 60), "one-peer exp., CHOCO top-k 1 %"),
