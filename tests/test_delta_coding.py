@@ -5,12 +5,19 @@ reference refuses, and nothing wrong is ever delivered."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
+from types import SimpleNamespace
 
 import pytest
+import structlog
 import torch
 
 from agent.core.compression import Compressor
+from agent.node.delta_wires import DeltaWires
+from agent.node.freezes import FreezeDetector
+from agent.node.gossip import RoundSettings, Traffic
+from agent.node.pushes import Pushes
 from agent.transport import delta_coding
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerClient
@@ -285,5 +292,56 @@ def test_over_grpc_a_receiver_keeps_the_last_vector_asked_for_and_refuses_deltas
             assert ack.status == pb.PUSH_STATUS_REFERENCE_MISSING
             assert "no reference is held for 'a'" in ack.reason
             assert await node.inbox.wait_for(0, 0, {"a"}, timeout=0.2) == {}
+
+    run(scenario)
+
+
+def test_the_agents_push_to_a_receiver_that_lost_its_reference_sends_the_vector_itself() -> None:
+    """The agent's push path (agent.node.pushes) against a real receiver that restarted since it
+    acknowledged x0: the delta against x0 is refused for want of it, the vector itself follows at once and
+    is delivered, both ends keep it as the reference, and the next push is a delta again."""
+    count = 50_000
+    x0 = _weights(count)
+    x1, x2 = _step(x0, seed=1), _step(_step(x0, seed=1), seed=2)
+
+    async def scenario() -> None:
+        async with (
+            gossip_node("b", vector_length=count, rounds_per_iteration=1) as node,
+            PeerClient(node.server.address) as client,
+        ):
+            await client.handshake(identity("a"))
+            deltas = DeltaWires()
+            deltas.references.keep("b", Reference.of(0, 0, x0))  # acknowledged by b's earlier incarnation
+            pushes = Pushes(
+                RoundSettings(
+                    rounds=1, wire_dtype="float32-delta", chunk_bytes=1 << 16, round_timeout=5.0, pace="off"
+                ),
+                views=SimpleNamespace(view=SimpleNamespace(epoch=0)),
+                registry=SimpleNamespace(clients={"b": client}),
+                positions=None,
+                in_compute=asyncio.to_thread,
+                deadline_seconds=lambda: 5.0,
+                stop_event=asyncio.Event(),
+                freezes=FreezeDetector(),
+                log=structlog.get_logger(),
+                deltas=deltas,
+                wire_choice=None,
+            )
+            for iteration, x in ((1, x1), (2, x2)):
+                node.inbox.expect(iteration, 0)
+                prepared = deltas.prepare(x, ["b"], (iteration, 0), "float32-delta")
+                assert prepared.wires["b"].wire_dtype == "float32-delta"
+                before = client.bytes_sent
+                assert await pushes.push("b", prepared.wires["b"], iteration, 0, Traffic(), None, prepared)
+                received = await node.inbox.wait_for(iteration, 0, {"a"}, timeout=2.0)
+                assert torch.equal(bits(received["a"]), bits(x))
+                held = deltas.references.get("b")
+                assert held is not None and (held.iteration, held.round) == (iteration, 0)
+                assert node.server.reference_bytes == 4 * count
+                sent = client.bytes_sent - before
+                if iteration == 1:  # the refused delta, then the exponent-coded vector
+                    assert sent > 1.2 * 4 * count
+                else:  # against x1, which both ends now hold
+                    assert sent < 0.75 * 4 * count
 
     run(scenario)
