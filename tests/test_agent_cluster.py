@@ -87,7 +87,6 @@ def test_agents_on_coded_float32_wires_reproduce_float32_bit_for_bit_with_fewer_
         plain = 4 * 4 * sum(tensor.numel() for tensor in agent.parameters.values())
         sent = [e["bytes_sent"] for e in log_events(tmp_path / "agents" / f"node-{i}" / "agent.log")
                 if e.get("event") == "iteration" and e.get("iteration", 0) > 1]  # fmt: skip
-        print(i, wires[i], plain, sent)
         if wires[i] == "float32-huffman":
             assert sent and max(sent) < 0.9 * plain, (
                 f"node {i} sent {max(sent)} bytes an iteration of {plain}"
