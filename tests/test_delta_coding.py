@@ -13,6 +13,7 @@ import pytest
 import structlog
 import torch
 
+from agent.checkpoint import load_checkpoint
 from agent.core.compression import Compressor
 from agent.node.delta_wires import DeltaWires
 from agent.node.freezes import FreezeDetector
@@ -33,6 +34,8 @@ from agent.transport.frames import (
     prepare_vector,
 )
 from agent.transport.references import Reference, References
+from tests.agents import EQUIVALENCE_FLAGS, start_agents, wait_all, wait_for_event
+from tests.test_telemetry import scrape, value
 from tests.test_transport import bits, gossip_node, identity, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -142,11 +145,11 @@ def _delta_header(count: int, coded_bytes: int, **fields) -> pb.VectorHeader:
         chunk_bytes=1 << 20,
         coded_bytes=coded_bytes,
     )
-    for name, value in fields.items():
-        if isinstance(value, pb.DeltaReference):
-            getattr(header, name).CopyFrom(value)
+    for name, field in fields.items():
+        if isinstance(field, pb.DeltaReference):
+            getattr(header, name).CopyFrom(field)
         else:
-            setattr(header, name, value)
+            setattr(header, name, field)
     return header
 
 
@@ -170,6 +173,7 @@ def _stream(data: bytes) -> bytes:
         (_stream(bytes(400)), "more than 200 bytes"),
         (_stream(bytes(200))[:-4], "ends before its end marker"),
         (_stream(bytes(200)) + b"\x00", "bytes after its end"),
+        (_stream(bytes(100)) + _stream(bytes(100)), "bytes after its end"),  # two streams
     ],
 )
 def test_a_malformed_high_plane_stream_is_a_wire_error(stream: bytes, message: str) -> None:
@@ -277,9 +281,11 @@ def test_over_grpc_a_receiver_keeps_the_last_vector_asked_for_and_refuses_deltas
             node.inbox.expect(3, 0)
             ack = await push(prepare_vector(x[3], "float32-delta", Reference.of(2, 0, x[2])), 3)
             assert ack.status == pb.PUSH_STATUS_REFERENCE_MISSING
-            # Kept again, then forgotten (the peer left the view).
+            # Kept again: still held while "a" is in the view, dropped once it left it.
             assert (await push(prepare_vector(x[3], "float32-huffman", keep_reference=True), 3)).accepted
-            node.server.forget_peer("a")
+            node.server.retain_references({"a", "b"})
+            assert node.server.reference_bytes == 4 * count
+            node.server.retain_references({"b", "c"})
             assert node.server.reference_bytes == 0
         # A restarted receiver holds nothing.
         async with (
@@ -345,3 +351,46 @@ def test_the_agents_push_to_a_receiver_that_lost_its_reference_sends_the_vector_
                     assert sent < 0.75 * 4 * count
 
     run(scenario)
+
+
+@pytest.mark.timeout(120)
+def test_a_neighbour_that_left_the_view_leaves_no_reference_vectors_behind(tmp_path) -> None:
+    """3 agents on a ring with float32-delta: node-0 holds reference vectors for both neighbours (as
+    sender and receiver); once node-2 is killed and left out of the view, node-0 holds them for node-1
+    only (dpgan_reference_bytes on the metrics endpoint), and trains on."""
+    flags = [*EQUIVALENCE_FLAGS, "--rounds", "1", "--iterations", "100000", "--wire-dtype", "float32-delta",
+             "--metrics-port", "0", "--insecure", "--checkpoint-every", "10"]  # fmt: skip
+    processes, _ = start_agents(tmp_path, 3, flags)
+    log = tmp_path / "node-0" / "agent.log"
+    try:
+        announced = wait_for_event(log, lambda e: e.get("event") == "metrics", 60)
+        assert announced is not None
+        mixing = wait_for_event(
+            log, lambda e: e.get("event") == "iteration" and len(e["neighbours"]) == 2, 60
+        )
+        assert mixing is not None
+        later = mixing["iteration"] + 10
+        assert wait_for_event(log, lambda e: e.get("event") == "iteration" and e["iteration"] >= later, 60)
+        held = value(scrape(announced["url"]), "dpgan_reference_bytes", node="node-0")
+        parameters = load_checkpoint(tmp_path / "node-0" / "checkpoint.safetensors").parameters
+        vector_bytes = 4 * sum(tensor.numel() for tensor in parameters.values())
+        # Sent: one vector per neighbour, shared when both took this round's; received: one per neighbour.
+        assert 3 * vector_bytes <= held <= 4 * vector_bytes, held
+        processes[2].kill()
+        left = wait_for_event(
+            log,
+            lambda e: (
+                e.get("event") == "membership view"
+                and e["iteration"] > later
+                and e["members"] == ["node-0", "node-1"]
+            ),
+            60,
+        )
+        assert left is not None
+        reached = left["iteration"] + 20
+        assert wait_for_event(log, lambda e: e.get("event") == "iteration" and e["iteration"] >= reached, 60)
+        assert value(scrape(announced["url"]), "dpgan_reference_bytes", node="node-0") == 2 * vector_bytes
+    finally:
+        for process in processes[:2]:
+            process.terminate()
+        wait_all(processes, timeout=30)

@@ -85,8 +85,9 @@ class DeltaWires:
         else:
             self.references.drop(node_id)
 
-    def forget(self, node_id: str) -> None:
-        self.references.drop(node_id)
+    def retain(self, members: set[str]) -> None:
+        """Keep references only for these neighbours (the members of the current view)."""
+        self.references.retain(members)
 
 
 __all__ = ["DeltaWires", "RoundWires"]

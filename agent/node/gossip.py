@@ -115,6 +115,7 @@ class GossipRounds:
         )
         self._pending_announcements: set[asyncio.Future[bool]] = set()
         self._received_cursor = server.bytes_received
+        self._references_epoch: int | None = None
 
     def paced(self) -> bool:
         pace = self.settings.pace
@@ -180,6 +181,14 @@ class GossipRounds:
         agreed stop position was reached while the round waited."""
         views = self.views
         view = views.view
+        if view.epoch != self._references_epoch:
+            # float32-delta: members that left the view keep no reference vectors at either end (a
+            # returning member gets the vector itself first).
+            members = set(view.node_ids)
+            self.server.retain_references(members)
+            if self.deltas is not None:
+                self.deltas.retain(members)
+            self._references_epoch = view.epoch
         round_index = iteration * self.settings.rounds + round_
         row = views.schedule.row(views.index, round_index)
         self.freezes.start()
@@ -209,7 +218,6 @@ class GossipRounds:
                         self.wire_choice.observe_coding(
                             4 * x.numel(), wire.payload_bytes, wire.coding_seconds
                         )
-                    self.wire_choice.count_sent([wire.wire_dtype for wire in wires.values()])
             else:
                 assert edges is not None
                 outgoing = await self.in_compute(edges.outgoing, x, live, views.index, round_index, view)

@@ -139,17 +139,22 @@ class Pushes:
         ``prepared``: the round's wires of exact gossip, whose fallback goes to a neighbour that refuses a
         float32-delta push for want of its reference, and whose references follow the outcome."""
         ack = await self.deliver(node_id, wire, iteration, round_, traffic, announcement)
+        self._count(wire, ack)
         if prepared is None or self.deltas is None:
             return ack is not None and ack.accepted
         if ack is not None and ack.status == pb.PUSH_STATUS_REFERENCE_MISSING:
             self.log.info("neighbour holds no reference; sending the vector itself", neighbour=node_id)
             wire = await self.in_compute(prepared.fallback)
-            if self.wire_choice is not None:
-                self.wire_choice.count_sent([wire.wire_dtype])
             ack = await self.deliver(node_id, wire, iteration, round_, traffic)
+            self._count(wire, ack)
         accepted = ack is not None and ack.accepted
         self.deltas.pushed(node_id, prepared, wire, accepted)
         return accepted
+
+    def _count(self, wire: Any, ack: pb.PushAck | None) -> None:
+        """float32-auto's count of vectors sent, by encoding: those the neighbour answered."""
+        if self.wire_choice is not None and ack is not None:
+            self.wire_choice.count_sent([wire.wire_dtype])
 
     async def deliver(
         self,

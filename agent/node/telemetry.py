@@ -17,9 +17,10 @@ every series. Series (units in the name, as Prometheus recommends):
 | dpgan_iterations_alone_total | counter | iterations trained with no neighbour |
 | dpgan_compute_seconds_total / dpgan_round_wait_seconds_total | counter | local steps / gossip rounds |
 | dpgan_sent_bytes_total{peer} / dpgan_received_bytes_total{peer} | counter | gossip bytes per peer |
+| dpgan_reference_bytes | gauge | float32-delta's reference vectors held (as sender and receiver) |
 | dpgan_wire_coding | gauge (0/1) | `wire_dtype: float32-auto` only: 1 while vectors are coded |
 | dpgan_push_rate_bytes_per_second | gauge | `float32-auto` only: the push rate it decides on |
-| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors sent, one per neighbour |
+| dpgan_wire_vectors_total{wire_dtype} | counter | `float32-auto` only: vectors pushed and answered |
 | dpgan_checkpoint_age_seconds | gauge | since checkpoint.safetensors was written |
 | dpgan_quality{metric} | gauge | the last evaluation (modes_covered, high_quality, ...) |
 """
@@ -111,6 +112,9 @@ class AgentCollector(Collector):
         for peer, count in agent.server.bytes_received_by_peer.items():
             received.add_metric([*values, peer], count)
         yield received
+        deltas = agent.gossip.deltas
+        held = agent.server.reference_bytes + (deltas.references.bytes_held if deltas is not None else 0)
+        yield gauge("dpgan_reference_bytes", "float32-delta reference vectors held, both ends", held)
         yield from self._wire_choice(gauge, names, values)
         try:
             age = time.time() - (agent.options.out / CHECKPOINT_NAME).stat().st_mtime

@@ -113,6 +113,8 @@ def decode(
             raise CodecError(f"high-plane stream inflates to more than {2 * d} bytes")
     except zlib.error as error:
         raise CodecError(f"high-plane stream does not inflate: {error}") from None
+    if inflater.eof and (inflater.unused_data or inflater.unconsumed_tail):
+        raise CodecError("high-plane stream has bytes after its end")
     if len(high) != 2 * d:
         raise CodecError(f"high-plane stream inflates to {len(high)} bytes, expected {2 * d}")
     if not inflater.eof:

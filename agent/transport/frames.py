@@ -614,7 +614,12 @@ class VectorAssembler:
     def _check_reference(self, header: pb.VectorHeader, spec: _WireDtypeSpec) -> None:
         """A float32-delta push names a reference the receiver holds; the reference fields appear on
         nothing else, and keep_reference on float32 vectors only."""
-        if header.keep_reference and (spec.torch_dtype != torch.float32 or header.HasField("edge")):
+        if header.keep_reference and header.HasField("edge"):
+            raise WireError(
+                WireErrorKind.BAD_DTYPE,
+                "keep_reference is set on a compressed-gossip message; only plain float32 vectors carry it",
+            )
+        if header.keep_reference and spec.torch_dtype != torch.float32:
             raise WireError(
                 WireErrorKind.BAD_DTYPE,
                 f"keep_reference is set on a {spec.name} payload; only float32 carries it",

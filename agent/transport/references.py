@@ -73,7 +73,8 @@ class References:
     @property
     def bytes_held(self) -> int:
         """Bytes of the distinct vectors held (shared ones counted once)."""
-        distinct = {id(r.vector): r.vector for r in self._by_peer.values()}
+        # A copy of the values first: the metrics endpoint reads this from its own thread.
+        distinct = {id(r.vector): r.vector for r in list(self._by_peer.values())}
         return sum(v.numel() * 4 for v in distinct.values())
 
     def get(self, peer: str) -> Reference | None:
@@ -87,6 +88,11 @@ class References:
 
     def clear(self) -> None:
         self._by_peer.clear()
+
+    def retain(self, peers: set[str]) -> None:
+        """Drop the references of every peer not in ``peers`` (members that left the view)."""
+        for peer in [p for p in self._by_peer if p not in peers]:
+            del self._by_peer[peer]
 
     def find(self, peer: str, wanted: pb.DeltaReference, element_count: int) -> Reference:
         """The reference ``wanted`` names for ``peer``'s push; ReferenceMissing (naming what is held) when

@@ -429,6 +429,10 @@ class GossipServer:
         self._peers.pop(node_id, None)
         self._references.drop(node_id)
 
+    def retain_references(self, senders: set[str]) -> None:
+        """Keep float32-delta references only for these senders (the members of the current view)."""
+        self._references.retain(senders)
+
     @property
     def reference_bytes(self) -> int:
         """Bytes held as float32-delta references of the senders (one vector per sender that asks)."""

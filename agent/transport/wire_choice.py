@@ -1,5 +1,6 @@
-"""``wire_dtype: float32-auto``: per vector, send float32's bits plain or with the exponent bytes coded
-(``float32-huffman``, ``agent.transport.exponent_coding``), whichever the node's measurements say is
+"""``wire_dtype: float32-auto``: per vector, send float32's bits plain or coded (as ``float32-delta``:
+against the last vector sent on each edge, ``agent.transport.delta_coding``, or with the exponent bytes
+coded, ``float32-huffman``, where the neighbour holds none yet), whichever the node's measurements say is
 faster. Both carry the same bits, so the choice never changes the run, only its speed.
 
 Coding pays when the link time it saves is more than the CPU it costs::
@@ -8,7 +9,8 @@ Coding pays when the link time it saves is more than the CPU it costs::
 
 with b the vector's float32 bytes, r the node's push rate (bytes/s, measured per push: wire bytes over
 the call's wall time; the median of the recent pushes), ``saving`` the fraction of bytes the coding removes
-(measured on the vectors this node coded; ~0.17 for GAN parameters) and c_enc, c_dec the coding and
+(measured on the vectors this node coded; ~0.17 for the exponent coding, 0.3–0.4 against a reference, on
+GAN parameters; the prior is the exponent coding's) and c_enc, c_dec the coding and
 decoding cost in s/byte (c_enc measured here; the receiver's c_dec is assumed equal, the measured decode
 being 0.2–0.8× the encode).
 The size b cancels: the decision is a rate threshold, ~170 Mbit/s with the priors below on the
@@ -93,7 +95,7 @@ class WireChoice:
         self.recent_code_seconds_per_byte: deque[float] = deque(maxlen=CODING_WINDOW)
         self.coding = False
         self.plain_since_coded = 0
-        # Vectors sent, one per neighbour and push, by the encoding they went in (a coded round sends
+        # Vectors sent (pushes the neighbour answered), by the encoding they went in (a coded round sends
         # float32-delta to neighbours holding a reference, float32-huffman to the others).
         self.vectors = {"float32": 0, "float32-huffman": 0, "float32-delta": 0}
 
@@ -123,7 +125,7 @@ class WireChoice:
         return wire_dtype, self.coding != was
 
     def count_sent(self, wire_dtypes: list[str]) -> None:
-        """Vectors about to be sent, one per neighbour, by the encoding each goes in."""
+        """Vectors sent (each a push the neighbour answered), by the encoding each went in."""
         for wire_dtype in wire_dtypes:
             self.vectors[wire_dtype] = self.vectors.get(wire_dtype, 0) + 1
 
