@@ -71,7 +71,7 @@ class DeltaWires:
             return prepared
         for node_id in neighbours:
             reference = self.references.get(node_id)
-            if reference is None or reference.vector.numel() != x.numel():
+            if reference is None:
                 prepared.wires[node_id] = prepared.fallback()
             else:
                 prepared.wires[node_id] = prepare_vector(x, "float32-delta", reference, keep_reference=True)

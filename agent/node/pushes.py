@@ -154,7 +154,7 @@ class Pushes:
     def _count(self, wire: Any, ack: pb.PushAck | None) -> None:
         """float32-auto's count of vectors sent, by encoding: those the neighbour answered."""
         if self.wire_choice is not None and ack is not None:
-            self.wire_choice.count_sent([wire.wire_dtype])
+            self.wire_choice.count_sent(wire.wire_dtype)
 
     async def deliver(
         self,

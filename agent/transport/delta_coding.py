@@ -29,6 +29,7 @@ from typing import Final
 import torch
 
 from agent.transport.codecs import CodecError
+from agent.transport.exponent_coding import inflate_exactly
 
 _LEVEL: Final = 1  # Z_RLE only looks one byte back: the level changes nothing but the block size
 _WINDOW_BITS: Final = 15
@@ -106,21 +107,7 @@ def decode(
         raise CodecError(
             f"float32-delta payload has {payload.numel()} bytes, expected {payload_bytes(d, coded_bytes)}"
         )
-    inflater = zlib.decompressobj(_WINDOW_BITS)
-    try:
-        high = inflater.decompress(memoryview(payload[2 * d :].numpy()), 2 * d)
-        if inflater.unconsumed_tail and inflater.decompress(inflater.unconsumed_tail, 1):
-            raise CodecError(f"high-plane stream inflates to more than {2 * d} bytes")
-    except zlib.error as error:
-        raise CodecError(f"high-plane stream does not inflate: {error}") from None
-    if inflater.eof and (inflater.unused_data or inflater.unconsumed_tail):
-        raise CodecError("high-plane stream has bytes after its end")
-    if len(high) != 2 * d:
-        raise CodecError(f"high-plane stream inflates to {len(high)} bytes, expected {2 * d}")
-    if not inflater.eof:
-        raise CodecError(f"high-plane stream ends before its end marker and checksum (after {2 * d} bytes)")
-    if inflater.unused_data or inflater.unconsumed_tail:
-        raise CodecError("high-plane stream has bytes after its end")
+    high = inflate_exactly(memoryview(payload[2 * d :].numpy()), 2 * d, "high-plane stream")
     vector = torch.empty(d, dtype=torch.float32) if out is None else out.view(torch.float32)
     planes = vector.view(torch.uint8).view(d, 4)
     planes[:, :2].copy_(payload[: 2 * d].view(2, d).t())

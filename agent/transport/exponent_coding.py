@@ -66,6 +66,27 @@ def encode(flat: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return payload, len(stream)
 
 
+def inflate_exactly(stream: memoryview, length: int, what: str) -> bytes:
+    """The ``length`` bytes a zlib stream (RFC 1950) inflates to; CodecError, naming ``what``, when it is
+    malformed, inflates to more or fewer bytes, stops before its end marker and checksum, or has bytes
+    after its end. Never inflates more than ``length`` + 1 bytes, whatever the stream claims."""
+    inflater = zlib.decompressobj(_WINDOW_BITS)
+    try:
+        data = inflater.decompress(stream, length)
+        if inflater.unconsumed_tail and inflater.decompress(inflater.unconsumed_tail, 1):
+            # length bytes out and input left that still inflates (a bomb stops here, one byte past it).
+            raise CodecError(f"{what} inflates to more than {length} bytes")
+    except zlib.error as error:
+        raise CodecError(f"{what} does not inflate: {error}") from None
+    if inflater.eof and (inflater.unused_data or inflater.unconsumed_tail):
+        raise CodecError(f"{what} has bytes after its end")  # e.g. a second stream after the first
+    if len(data) != length:
+        raise CodecError(f"{what} inflates to {len(data)} bytes, expected {length}")
+    if not inflater.eof:
+        raise CodecError(f"{what} ends before its end marker and checksum (after {length} bytes)")
+    return data
+
+
 def decode(
     payload: torch.Tensor, element_count: int, coded_bytes: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -81,21 +102,7 @@ def decode(
         raise CodecError(
             f"float32-huffman payload has {payload.numel()} bytes, expected {payload_bytes(d, coded_bytes)}"
         )
-    stream = memoryview(payload[3 * d :].numpy())
-    inflater = zlib.decompressobj(_WINDOW_BITS)
-    try:
-        exponent = inflater.decompress(stream, d)
-        if inflater.unconsumed_tail and inflater.decompress(inflater.unconsumed_tail, 1):
-            # d bytes out and input left that still inflates (a bomb stops here, one byte past d).
-            raise CodecError(f"exponent stream inflates to more than {d} bytes")
-    except zlib.error as error:
-        raise CodecError(f"exponent stream does not inflate: {error}") from None
-    if len(exponent) != d:
-        raise CodecError(f"exponent stream inflates to {len(exponent)} bytes, expected {d}")
-    if not inflater.eof:
-        raise CodecError(f"exponent stream ends before its end marker and checksum (after {d} bytes)")
-    if inflater.unused_data or inflater.unconsumed_tail:
-        raise CodecError("exponent stream has bytes after its end")
+    exponent = inflate_exactly(memoryview(payload[3 * d :].numpy()), d, "exponent stream")
     vector = torch.empty(d, dtype=torch.float32) if out is None else out.view(torch.float32)
     planes = vector.view(torch.uint8).view(d, 4)
     planes[:, :3].copy_(payload[: 3 * d].view(3, d).t())
@@ -103,4 +110,4 @@ def decode(
     return vector
 
 
-__all__ = ["decode", "encode", "max_coded_bytes", "payload_bytes"]
+__all__ = ["decode", "encode", "inflate_exactly", "max_coded_bytes", "payload_bytes"]

@@ -14,22 +14,17 @@ Not thread-safe: the event loop's.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
-
-try:  # the same CRC-32 as the payload checksum (agent.transport.frames), ~6x faster than zlib's
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover
-    _crc32 = zlib.crc32
+from agent.transport.wire_vectors import payload_crc32
 
 
 def vector_checksum(vector: torch.Tensor) -> int:
-    """CRC-32 (zlib's) of a flat float32 CPU tensor's little-endian bytes."""
-    return _crc32(memoryview(vector.contiguous().view(torch.uint8).numpy()))
+    """CRC-32 (the payload checksum's) of a flat float32 CPU tensor's little-endian bytes."""
+    return payload_crc32(memoryview(vector.contiguous().view(torch.uint8).numpy()))
 
 
 @dataclass(frozen=True, slots=True)

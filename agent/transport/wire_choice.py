@@ -124,10 +124,9 @@ class WireChoice:
         wire_dtype = "float32" if decision == "plain" else CODED
         return wire_dtype, self.coding != was
 
-    def count_sent(self, wire_dtypes: list[str]) -> None:
-        """Vectors sent (each a push the neighbour answered), by the encoding each went in."""
-        for wire_dtype in wire_dtypes:
-            self.vectors[wire_dtype] = self.vectors.get(wire_dtype, 0) + 1
+    def count_sent(self, wire_dtype: str) -> None:
+        """One vector sent (a push the neighbour answered), in the encoding ``wire_dtype``."""
+        self.vectors[wire_dtype] = self.vectors.get(wire_dtype, 0) + 1
 
     def describe(self) -> dict[str, float | None]:
         """The measurements in an operator's units (for logs)."""

@@ -14,14 +14,16 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import torch
 
 from agent.core.choco import EdgeMessage
 from agent.transport import codecs, delta_coding, exponent_coding
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
-from agent.transport.references import Reference
+
+if TYPE_CHECKING:
+    from agent.transport.references import Reference
 
 try:
     # ISA-L's CRC-32 (carry-less multiply folding): bit-identical to zlib.crc32, ~6x faster than the
