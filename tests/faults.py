@@ -612,10 +612,15 @@ REFERENCE_FALLBACK = "neighbour holds no reference; sending the vector itself"
 
 
 def scenario_restart(
-    root: Path, resume: bool, victim: int = 2, down_s: float = 2.0, extra: Sequence[str] = ()
+    root: Path,
+    resume: bool,
+    victim: int = 2,
+    down_s: float = 2.0,
+    extra: Sequence[str] = (),
+    rejoin_bound: float = REJOIN_BOUND_S,
 ) -> Result:
     """kill -9 one node, restart it ``down_s`` later with the same node id and address; ``extra``: more
-    cluster flags (compression)."""
+    cluster flags (compression); ``rejoin_bound``: seconds from its start within which it must mix again."""
     result = Result(" ".join(["restart same id" + (" --resume" if resume else ""), *extra]))
     root = root / ("restart-resume" if resume else "restart")
     flags = [*CLUSTER_FLAGS, *extra, *AGENT_FLAGS, *iteration_flags(100_000), "--checkpoint-every", "100"]
@@ -642,7 +647,7 @@ def scenario_restart(
             times.append(hit)
         rejoin = None if None in times else max(times) - restarted
         before = speed(by_node, killed - BEFORE_WINDOW_S, killed)
-        after = speed(by_node, restarted + REJOIN_BOUND_S, restarted + observe)
+        after = speed(by_node, restarted + rejoin_bound, restarted + observe)
         codes = cluster.stop()
         restarted_events = [e for e in events[victim_id] if e["_t"] >= restarted]
         entry = ("fetched state", "resumed from checkpoint", "joining running cluster", "resynchronising")
@@ -659,8 +664,8 @@ def scenario_restart(
             exit_codes=codes,
         )
         result.require(
-            rejoin is not None and rejoin <= REJOIN_BOUND_S,
-            f"restarted node not mixing with its neighbours (and they with it) within {REJOIN_BOUND_S:.0f} s "
+            rejoin is not None and rejoin <= rejoin_bound,
+            f"restarted node not mixing with its neighbours (and they with it) within {rejoin_bound:.0f} s "
             f"of its start (rejoin {rejoin})",
         )
         result.common_checks(root, cluster.omissions(since=trained))
