@@ -52,9 +52,14 @@ EQUIVALENCE_FLAGS = [
     "--dataset", "ring8", "--topology", "ring", "--rounds", "2", "--iterations", "50",
     "--eval-every", "50", "--eval-samples", "200", "--seed", "7",
 ]  # fmt: skip
-# Equivalence is checked for exact gossip and for compressed gossip with overlap (edge copies on the CPU
-# while x lives on the device; the gradient on its own thread).
-VARIANTS = {"exact": [], "topk+overlap": ["--compression", "topk", "--overlap"]}
+# Equivalence is checked for exact gossip, for compressed gossip with overlap (edge copies on the CPU
+# while x lives on the device; the gradient on its own thread), and for float32's bits coded against each
+# edge's last vector (the delta wire: references kept on the CPU at both ends).
+VARIANTS = {
+    "exact": [],
+    "topk+overlap": ["--compression", "topk", "--overlap"],
+    "float32-delta": ["--wire-dtype", "float32-delta"],
+}
 TIMING_FLAGS = ["--eval-samples", "200", "--seed", "7", "--nodes", str(NODES)]
 WORKLOADS = {"ring8": ["--dataset", "ring8", "--rounds", "2"], "digits": ["--dataset", "digits"]}
 EXIT_MISMATCH, EXIT_UNAVAILABLE, EXIT_RUN_FAILED = 1, 3, 4
@@ -160,6 +165,12 @@ def compare(agents: Path, simulated: Path) -> dict[str, Any]:
     return {"max_abs_difference": worst, "max_abs_value": scale, "problems": problems}
 
 
+def sent_bytes(agents: Path) -> int:
+    """Bytes the agents of one ``--local`` run sent, all nodes together (its summary.json)."""
+    summaries = json.loads((agents / "summary.json").read_text())["node_summaries"].values()
+    return sum(summary["bytes_sent"] for summary in summaries)
+
+
 def steady_seconds(sim: Path) -> float:
     """Training seconds per iteration between the simulator's two evaluations (warm-up excluded)."""
     records = [json.loads(line) for line in (sim / "metrics.jsonl").read_text().splitlines() if line]
@@ -215,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         equivalence: dict[str, Any] = {"max_abs_difference": 0.0, "max_abs_value": 0.0, "problems": []}
         agents_s = sim_s = 0.0
+        bytes_sent: dict[str, int] = {}  # by variant: what the agents sent, all nodes together
         for variant, extra in VARIANTS.items():
             suffix = "" if not extra else "-" + variant.replace("+", "-")
             flags = [*device_flags, *extra]
@@ -225,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("max_abs_difference", "max_abs_value"):
                 equivalence[key] = max(equivalence[key], found[key])
             equivalence["problems"] += [f"{variant}: {problem}" for problem in found["problems"]]
+            bytes_sent[variant] = sent_bytes(args.out / f"agents{suffix}")
         bound = tolerance * max(1.0, equivalence["max_abs_value"])
         passed = not equivalence["problems"] and equivalence["max_abs_difference"] <= bound
         verdict = (
@@ -255,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         "equivalence": {**equivalence, "tolerance": tolerance, "bound": bound, "flags": EQUIVALENCE_FLAGS,
                         "agents_wall_seconds": round(agents_s, 2), "simulator_wall_seconds": round(sim_s, 2)},
         "agent_compute_ms_per_iteration": agent_ms,
+        "agents_bytes_sent": bytes_sent,
         "timing": timing,
         "timing_threads": args.threads,
     }  # fmt: skip
     markdown = table(args.device, timing, agent_ms, args.threads)
+    markdown += "\n\nBytes the agents sent (both nodes): " + ", ".join(
+        f"{variant} {sent / 1e6:.1f} MB" for variant, sent in bytes_sent.items()
+    )
     (args.out / "gpu_check.md").write_text(f"{verdict}\n\n{markdown}\n")
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{markdown}\n\nresults: {args.out / 'gpu_check.json'}")

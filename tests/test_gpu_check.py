@@ -45,13 +45,18 @@ def test_cpu_check_passes_end_to_end_and_notices_a_mismatch(tmp_path: Path, monk
     out = tmp_path / "check"
     done = _run("--device", "cpu", "--out", str(out), "--timing-iterations", "10")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith("PASS: 2 agents vs simulator (exact, topk+overlap) on cpu")
+    assert done.stdout.startswith("PASS: 2 agents vs simulator (exact, topk+overlap, float32-delta) on cpu")
     assert (out / "agents-topk-overlap" / "node-1" / "final.safetensors").exists()
+    assert (out / "agents-float32-delta" / "node-1" / "final.safetensors").exists()
     assert "| ring8 |" in done.stdout and "| digits |" in done.stdout
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["passed"] and result["device"] == "cpu" and result["torch"] == torch.__version__
     assert result["equivalence"]["max_abs_difference"] <= 1e-6 and not result["equivalence"]["problems"]
     assert [row["workload"] for row in result["timing"]] == ["ring8", "digits"]
+    # The delta wire coded (float32's bits against each edge's last vector): fewer bytes than plain float32.
+    sent = result["agents_bytes_sent"]
+    assert sent.keys() == {"exact", "topk+overlap", "float32-delta"}
+    assert 0 < sent["float32-delta"] < 0.8 * sent["exact"] and sent["topk+overlap"] < 0.5 * sent["exact"]
     assert all(row["seconds_per_iteration"]["cpu"] > 0 for row in result["timing"])
     assert (out / "gpu_check.md").read_text().startswith("PASS")
 
@@ -66,6 +71,7 @@ def test_cpu_check_passes_end_to_end_and_notices_a_mismatch(tmp_path: Path, monk
     assert equivalence["max_abs_difference"] == pytest.approx(1e-3, rel=1e-2)
     # main() on those folders (the runs replaced by the ones above): exit 1, the verdict says FAIL.
     monkeypatch.setattr(script, "dpgan", lambda *_: 0.0)
+    monkeypatch.setattr(script, "sent_bytes", lambda _: 0)
     monkeypatch.setattr(script, "time_workloads", lambda _: result["timing"])
     assert script.main(["--device", "cpu", "--out", str(out)]) == 1
     assert not json.loads((out / "gpu_check.json").read_text())["passed"]
