@@ -40,3 +40,25 @@ def test_a_member_that_stopped_advancing_is_given_up_on(monkeypatch: pytest.Monk
     with pytest.raises(state.SourceStalled, match="stayed at iteration 80 for 0 s, short of the boundary"):
         asyncio.run(state.fetch_at_boundary(Member([70, 80]), 100, timeout=0.05))  # type: ignore[arg-type]
     assert 0.3 <= time.monotonic() - started < 5
+
+
+def test_a_member_that_says_it_stopped_training_is_given_up_on_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two out-of-step nodes that chose each other: each serves the iteration it stopped at and says it
+    # does not train. The first poll that sees that gives up, long before the stall patience.
+    monkeypatch.setattr(state, "MIN_STALL_S", 60.0)
+    statuses = iter([True, True, False])
+    started = time.monotonic()
+    with pytest.raises(
+        state.SourceNotTraining, match="is not training \\(at iteration 30, short of the boundary 60"
+    ):
+        asyncio.run(
+            state.fetch_at_boundary(Member([30]), 60, timeout=0.05, training=lambda: next(statuses))  # type: ignore[arg-type]
+        )
+    assert time.monotonic() - started < 5
+    # A member that trains is waited for whatever it says.
+    snapshot = asyncio.run(
+        state.fetch_at_boundary(Member([10, 20, 60]), 60, timeout=0.05, training=lambda: True)  # type: ignore[arg-type]
+    )
+    assert snapshot.iteration == 60

@@ -233,6 +233,27 @@ def resync_source(
     return max(groups[best], key=lambda p: p.iteration)
 
 
+def entry_source(self_id: str, chosen: str, peers: Sequence[PeerPosition]) -> str | None:
+    """The member to fetch state through while entering (joining or resynchronising), given fresh
+    positions of the live peers: ``chosen`` while it trains; else the most advanced member of the largest
+    training view (as ``entry_plan`` joins); None when no peer trains.
+
+    A node that is not training serves no state past the iteration it stopped at, so waiting on it
+    would wait for ever. That is what two out-of-step nodes that chose each other at the same boundary
+    (each read that the other's view outranked its own) used to do: each re-enters through a member that
+    trains instead, and when none does, ``entry_plan`` decides again (founding with the peers at the
+    highest iteration).
+    """
+    training = [p for p in peers if p.training and p.members and p.node_id != self_id]
+    if any(p.node_id == chosen for p in training):
+        return chosen
+    return _most_advanced_of_largest_view(training).node_id if training else None
+
+
+def _most_advanced_of_largest_view(training: Sequence[PeerPosition]) -> PeerPosition:
+    return max(training, key=lambda p: (len(p.members), p.iteration))
+
+
 # ---- where to enter: start, resume, re-found after a pause ----------------------------------------------
 
 
@@ -285,7 +306,7 @@ def entry_plan(
         if peer.ready_from > own_iteration:
             return Join(peer.node_id, at=peer.ready_from)
     if training:
-        return Join(max(training, key=lambda p: (len(p.members), p.iteration)).node_id)
+        return Join(_most_advanced_of_largest_view(training).node_id)
     highest = max([own_iteration, *(p.iteration for p in peers)])
     if own_iteration < highest:
         ahead = sorted(p.node_id for p in peers if p.iteration == highest)

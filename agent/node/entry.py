@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
 from agent.core.algorithms import initial_state, needs_initial_gradient
-from agent.core.membership import Found, Join, Membership, entry_plan, join_iteration, view_at_boundary
+from agent.core.membership import (
+    Found,
+    Join,
+    Membership,
+    entry_plan,
+    entry_source,
+    join_iteration,
+    view_at_boundary,
+)
 from agent.node.options import AgentError, NothingToJoin, StopRequested
 from agent.node.peers import cancelled_by_us
-from agent.node.state import fetch_at_boundary, restore_state, state_from_snapshot
+from agent.node.state import SourceNotTraining, fetch_at_boundary, restore_state, state_from_snapshot
 from agent.train.workload import node_generator
 from agent.transport.client import PeerRpcError, PeerUnavailable
 from agent.transport.frames import WireError
@@ -28,6 +37,10 @@ if TYPE_CHECKING:
 FETCH_ATTEMPTS = 5
 # While waiting for peers at start, the candidates that do not answer are named at most this often.
 WAIT_REPORT_S = 3.0
+
+
+class NoTrainingSource(Exception):
+    """No live peer trains: there is no member to enter through, so the entry is planned again."""
 
 
 def describe(reasons: dict[str, str]) -> str:
@@ -119,21 +132,29 @@ class ClusterEntry:
         out-of-step node re-enters through."""
         waiting_logged = ""
         while True:
-            if resync is not None:
-                await self._join(resync, resync=True)
-                return
-            plan = entry_plan(
-                self.agent.options.node_id,
-                self.agent.iteration,
-                self.agent.views.positions(),
-                self.agent.options.view_period,
-            )
-            if isinstance(plan, Found):
-                await self._found(plan)
-                return
-            if isinstance(plan, Join):
-                await self._join(plan.source, resync=self.agent.state is not None, at=plan.at)
-                return
+            try:
+                if resync is not None:
+                    await self._join(resync, resync=True)
+                    return
+                plan = entry_plan(
+                    self.agent.options.node_id,
+                    self.agent.iteration,
+                    self.agent.views.positions(),
+                    self.agent.options.view_period,
+                )
+                if isinstance(plan, Found):
+                    await self._found(plan)
+                    return
+                if isinstance(plan, Join):
+                    await self._join(plan.source, resync=self.agent.state is not None, at=plan.at)
+                    return
+            except NoTrainingSource as error:
+                # The member to enter through stopped training and no other peer trains: plan again
+                # from fresh positions (founding with the peers at the highest iteration, or waiting).
+                self.agent.log.info("no member to enter through; planning again", reason=str(error))
+                resync = None
+                await self.until_stop(self.agent.registry.wait_for_change(0.5))
+                continue
             if plan.reason != waiting_logged:
                 waiting_logged = plan.reason
                 self.agent.log.info("waiting to enter", reason=plan.reason)
@@ -214,6 +235,7 @@ class ClusterEntry:
             self.agent.training = False
             self.agent.ready_from = None
             await self.agent.registry.broadcast()
+            source_id = self._source_that_trains(source_id)
             status = self.agent.registry.remote_status.get(source_id)
             client = self.agent.registry.clients.get(source_id)
             if status is None or client is None:
@@ -242,8 +264,18 @@ class ClusterEntry:
             )
             try:
                 snapshot: StateSnapshot = await self.until_stop(
-                    fetch_at_boundary(client, boundary, self.agent.options.round_timeout)
+                    fetch_at_boundary(
+                        client,
+                        boundary,
+                        self.agent.options.round_timeout,
+                        training=functools.partial(self._trains, source_id),
+                    )
                 )
+            except SourceNotTraining as error:
+                # It is re-entering itself (two out-of-step nodes that chose each other), paused or done:
+                # choose again at once, through a member that trains.
+                self.agent.log.info("the member stopped training; choosing again", reason=str(error))
+                continue
             except asyncio.CancelledError:
                 if cancelled_by_us():
                     raise
@@ -274,6 +306,22 @@ class ClusterEntry:
             )
             lead *= 2
         self._enter_at(snapshot, boundary, source_id, view)
+
+    def _trains(self, node_id: str) -> bool:
+        """Whether ``node_id`` last said it trains (its latest status: a probe answer or its handshake)."""
+        status = self.agent.registry.remote_status.get(node_id)
+        return status is not None and status.training
+
+    def _source_that_trains(self, chosen: str) -> str:
+        """``chosen`` while it trains, else another member that does (``entry_source``); raises
+        NoTrainingSource when no live peer trains."""
+        source = entry_source(self.agent.options.node_id, chosen, self.agent.views.positions())
+        if source is None:
+            raise NoTrainingSource(f"no live peer is training (this node meant to enter through {chosen})")
+        if source != chosen:
+            reason = "it is not training" if chosen in self.agent.registry.alive() else "it does not answer"
+            self.agent.log.info("entering through another member", chosen=chosen, source=source, why=reason)
+        return source
 
     def _enter_at(
         self, snapshot: StateSnapshot, boundary: int, source_id: str, view: Membership | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,21 @@ class SourceStalled(RuntimeError):
     itself re-entering): waiting longer would wait forever."""
 
 
-async def fetch_at_boundary(client: PeerClient, boundary: int, timeout: float) -> StateSnapshot:
+class SourceNotTraining(SourceStalled):
+    """The member a node wanted to enter through says it is no longer training (it is itself re-entering,
+    paused or finished): it will not reach the boundary while it does not train."""
+
+
+async def fetch_at_boundary(
+    client: PeerClient, boundary: int, timeout: float, training: Callable[[], bool] | None = None
+) -> StateSnapshot:
     """Poll a member's FetchState until it serves its state at ``boundary`` or later.
 
-    Raises PeerUnavailable / PeerRpcError / WireError as the client does, and SourceStalled when the
-    member's state has not advanced for max(``STALL_ROUNDS`` × ``timeout``, ``MIN_STALL_S``) seconds (two
-    out-of-step nodes that each chose the other to re-enter through would otherwise wait for ever).
+    ``training``: whether the member last said it trains (its latest status); polled with the state.
+    Raises PeerUnavailable / PeerRpcError / WireError as the client does, SourceNotTraining as soon as
+    the member says it does not train (short of the boundary), and SourceStalled when the member's state
+    has not advanced for max(``STALL_ROUNDS`` × ``timeout``, ``MIN_STALL_S``) seconds (a member that
+    stopped without saying so).
     """
     last_iteration, last_change = -1, time.monotonic()
     patience = max(STALL_ROUNDS * timeout, MIN_STALL_S)
@@ -64,6 +74,11 @@ async def fetch_at_boundary(client: PeerClient, boundary: int, timeout: float) -
         snapshot = await client.fetch_state(timeout=timeout)
         if snapshot.iteration >= boundary:
             return snapshot
+        if training is not None and not training():
+            raise SourceNotTraining(
+                f"{client.address} is not training (at iteration {snapshot.iteration}, short of the "
+                f"boundary {boundary})"
+            )
         if snapshot.iteration != last_iteration:
             last_iteration, last_change = snapshot.iteration, time.monotonic()
         elif time.monotonic() - last_change > patience:
