@@ -42,6 +42,7 @@ import structlog
 import torch
 
 from agent.allocator import keep_freed_memory
+from agent.transport.buffers import RECEIVE_BUFFERS
 from agent.transport.client import PeerClient
 from agent.transport.frames import prepare_vector
 from agent.transport.identity import PeerIdentity
@@ -49,10 +50,13 @@ from agent.transport.inbox import Inbox
 from agent.transport.options import DEFAULT_CHUNK_BYTES, MIB
 from agent.transport.server import GossipServer
 from agent.transport.tls import TransportSecurity
+from agent.transport.wire_vectors import all_finite, payload_crc32
 
 SENDER_ID = "bench-sender"
 RECEIVER_ID = "bench-receiver"
 _LENGTH_PREFIX = struct.Struct("<Q")
+# The most a raw-TCP data plane in Python could move: raw TCP plus the receiver's per-push checks.
+RAW_TCP_CHECKED = "raw TCP + recycled buffer, CRC-32 and finite check per 1 MiB (a data plane's bound)"
 
 
 def quiet_logs() -> None:
@@ -224,8 +228,12 @@ def bench_grpc(
 # ---- raw TCP ----------------------------------------------------------------------------------------
 
 
-def tcp_receiver(messages: int, control: Connection) -> None:
+def tcp_receiver(messages: int, control: Connection, checks: bool = False) -> None:
+    """``checks``: what a raw-TCP data plane beside gRPC (docs/transport.md) would do at the least --
+    receive into a recycled buffer (``RECEIVE_BUFFERS``, as the gRPC receiver does) one 1 MiB chunk at a
+    time, and after each chunk the CRC-32 and finite check the receiver runs on every push."""
     keep_freed_memory()
+    torch.set_num_threads(1)
     marks = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         control.send(listener.getsockname()[1])
@@ -234,23 +242,33 @@ def tcp_receiver(messages: int, control: Connection) -> None:
             for _ in range(messages):
                 header = connection.recv(_LENGTH_PREFIX.size, socket.MSG_WAITALL)
                 (length,) = _LENGTH_PREFIX.unpack(header)
-                buffer = bytearray(length)  # fresh buffer per message, as the gRPC receiver allocates
-                view = memoryview(buffer)
-                received = 0
+                if checks:
+                    tensor = RECEIVE_BUFFERS.take(length)
+                    view = memoryview(tensor.numpy()).cast("B")
+                else:
+                    buffer = bytearray(length)  # fresh buffer per message
+                    view = memoryview(buffer)
+                received, checked, crc = 0, 0, 0
                 while received < length:
                     count = connection.recv_into(view[received:], length - received)
                     if count == 0:
                         raise ConnectionError("sender closed mid-message")
                     received += count
-                del buffer, view
+                    while checks and (received - checked >= MIB or received == length) and checked < length:
+                        end = min(length, checked + MIB)
+                        crc = payload_crc32(view[checked:end], crc)
+                        if not all_finite(torch.frombuffer(view[checked:end], dtype=torch.float32)):
+                            raise ValueError("not finite")
+                        checked = end
+                del view
                 marks.append(time.process_time())
                 connection.sendall(b"\x01")
     control.send(marks)
 
 
-def bench_tcp(sizes_mb: list[int], repeats: int) -> dict[int, Measured]:
+def bench_tcp(sizes_mb: list[int], repeats: int, checks: bool = False) -> dict[int, Measured]:
     parent_end, child_end = mp.get_context("spawn").Pipe()
-    receiver = start_process(target=tcp_receiver, args=(len(sizes_mb) * (repeats + 1), child_end))
+    receiver = start_process(target=tcp_receiver, args=(len(sizes_mb) * (repeats + 1), child_end, checks))
     port = parent_end.recv()
     timings: dict[int, list[float]] = {}
     sender_cpu: dict[int, float] = {}
@@ -387,6 +405,7 @@ def main() -> None:
                 )
     transports += [
         ("raw TCP socket", lambda: bench_tcp(sizes, repeats)),
+        (RAW_TCP_CHECKED, lambda: bench_tcp(sizes, repeats, checks=True)),
         (GLOO, lambda: bench_gloo(sizes, repeats)),
     ]
     cpu = platform.processor() or platform.machine()
