@@ -137,7 +137,9 @@ def start_process(
 # ---- gRPC -------------------------------------------------------------------------------------------
 
 
-def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection, pki: str | None) -> None:
+def grpc_receiver(
+    sizes_mb: list[int], pushes_per_size: int, control: Connection, pki: str | None, data_plane: bool = False
+) -> None:
     quiet_logs()
     keep_freed_memory()
     torch.set_num_threads(1)
@@ -166,6 +168,7 @@ def grpc_receiver(sizes_mb: list[int], pushes_per_size: int, control: Connection
                 inbox=inbox,
                 vector_length=element_count(size_mb),
                 security=security(pki, RECEIVER_ID),
+                data_port=0 if data_plane else None,
             )
             await server.start()
             servers.append(server)
@@ -187,9 +190,10 @@ def bench_grpc(
     prepared: bool,
     pki: str | None = None,
     unary: bool = False,
+    data_plane: bool = False,
 ) -> dict[int, Measured]:
     parent_end, child_end = mp.get_context("spawn").Pipe()
-    receiver = start_process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end, pki))
+    receiver = start_process(target=grpc_receiver, args=(sizes_mb, repeats + 1, child_end, pki, data_plane))
     ports = parent_end.recv()
     timings: dict[int, list[float]] = {}
     sender_cpu: dict[int, float] = {}
@@ -215,6 +219,8 @@ def bench_grpc(
                     marks.append(time.process_time())
                     if not ack.accepted:
                         raise RuntimeError(f"push refused: {ack.reason}")
+                    if data_plane and client.data_plane_pushes != iteration + 1:
+                        raise RuntimeError("the push did not go over the data plane")
                     samples.append(elapsed)
                 timings[size_mb] = samples[1:]  # first push warms up the connection and allocator
                 sender_cpu[size_mb] = cpu_per_exchange(marks)
@@ -403,6 +409,15 @@ def main() -> None:
                         ),
                     )
                 )
+    for tls in [False] if arguments.no_tls else [False, True]:
+        transports.append(
+            (
+                f"data plane ({wire_dtype}, prepared once{', mutual TLS' if tls else ''})",
+                lambda tls=tls: bench_grpc(
+                    sizes, repeats, chunk_bytes, wire_dtype, True, pki if tls else None, data_plane=True
+                ),
+            )
+        )
     transports += [
         ("raw TCP socket", lambda: bench_tcp(sizes, repeats)),
         (RAW_TCP_CHECKED, lambda: bench_tcp(sizes, repeats, checks=True)),

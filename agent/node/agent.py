@@ -163,6 +163,7 @@ class PeerAgent:
             positions=self.positions,
             stall_timeout=options.round_timeout,
             security=options.security,
+            data_port=options.data_port,
             gossip=GossipKind(
                 compression.compressor if compression is not None else None, wire_dtype=config.wire_dtype
             ),

@@ -131,6 +131,12 @@ def agent_flags(argv: Sequence[str], count: int) -> list[str]:
                 f"(0, any free port, cannot be told apart across {count} agents)"
             )
         forwarded.append(f"--metrics-port={args.metrics_port}")  # agent i listens on P + i
+    if args.data_port is not None:
+        if args.data_port and not 1 <= args.data_port <= 65536 - count:
+            raise ValueError(
+                f"--local: --data-port P gives agent i port P + i: P must be 0 or 1 to {65536 - count}"
+            )
+        forwarded.append(f"--data-port={args.data_port}")  # agent i: P + i, or any free port for 0
     for flag in FORWARDED_FLAGS:
         value = getattr(args, _dest(flag))
         if value == parser.get_default(_dest(flag)):
@@ -309,7 +315,8 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
     addresses = [f"127.0.0.1:{port}" for port in ports]
     node_ids = [f"node-{i}" for i in range(count)]
     metrics_base = next((int(f.split("=")[1]) for f in flags if f.startswith("--metrics-port=")), None)
-    flags = [f for f in flags if not f.startswith("--metrics-port=")]
+    data_base = next((int(f.split("=")[1]) for f in flags if f.startswith("--data-port=")), None)
+    flags = [f for f in flags if not f.startswith(("--metrics-port=", "--data-port="))]
     insecure = "--insecure" in flags
     tls = {node_id: [] for node_id in node_ids} if insecure else throwaway_pki(out / "tls", node_ids)
     progress = Progress(node_ids, config.iterations or 0)
@@ -339,6 +346,8 @@ def run_local_cluster(count: int, argv: Sequence[str], out: Path, config: TrainC
             node_dir = out / node_id
             node_dir.mkdir(parents=True, exist_ok=True)
             own = [f"--metrics-port={metrics_base + i}"] if metrics_base is not None else []
+            if data_base is not None:
+                own.append(f"--data-port={data_base + i if data_base else 0}")
             command = agent_command(i, addresses, node_dir, config_path, [*flags, *tls[node_id], *own])
             # Each agent in its own session: a Ctrl-C in the terminal reaches only the launcher, which
             # forwards it once (an agent takes a second signal as "exit at once, without a checkpoint").

@@ -73,6 +73,9 @@ class AgentOptions:
     security: TransportSecurity = field(default_factory=TransportSecurity.insecure)
     # Prometheus /metrics on listen_host:metrics_port (agent/node/telemetry.py); None: off, 0: any port.
     metrics_port: int | None = None
+    # Pushes also received on listen_host:data_port over raw TCP/TLS (agent/transport/data_plane.py);
+    # None: off, 0: any port (the handshake announces the bound one).
+    data_port: int | None = None
     # A progress bar on the terminal (stderr is one and logs are for reading, not JSON).
     progress: bool = False
     # Said once at start (e.g. --insecure on a network address, a certificate about to expire).

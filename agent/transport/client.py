@@ -27,7 +27,8 @@ import torch
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport._generated.dpgan.v1 import dpgan_pb2_grpc as pb_grpc
-from agent.transport.frames import WireVector, iter_frames, parse_chunk, prepare_vector
+from agent.transport.data_plane import DataPlaneClient, DataPlaneError, DataPlaneRefusal, DataPlaneTimeout
+from agent.transport.frames import WireVector, header_message, iter_frames, parse_chunk, prepare_vector
 from agent.transport.identity import PeerIdentity, identity_mismatch
 from agent.transport.options import (
     DEFAULT_CHUNK_BYTES,
@@ -195,6 +196,10 @@ class PeerClient:
         self._remote: pb.HandshakeResponse | None = None
         self._bytes_sent = 0
         self._bytes_received = 0
+        self._security = security
+        # The peer's data plane (agent/transport/data_plane.py), when its handshake announced one.
+        self._data_plane: DataPlaneClient | None = None
+        self.data_plane_pushes = 0  # pushes the data plane carried (the rest went over gRPC)
 
     async def __aenter__(self) -> Self:
         return self
@@ -233,6 +238,8 @@ class PeerClient:
 
     async def close(self) -> None:
         self._drop_push_stream()
+        if self._data_plane is not None:
+            await self._data_plane.close()
         await self._channel.close()
 
     async def handshake(
@@ -309,6 +316,30 @@ class PeerClient:
             )
 
         first = frames()  # validates the arguments before anything is sent
+        data_plane = await self._data_plane_for(self._remote)
+        if data_plane is not None and data_plane.available:
+            header = header_message(
+                prepared,
+                sender_id=identity.node_id,
+                iteration=iteration,
+                round=round,
+                epoch=identity.membership_epoch if epoch is None else epoch,
+                chunk_bytes=chunk_bytes,
+            )
+            try:
+                ack = await data_plane.push(header, prepared.payload, deadline)
+            except DataPlaneRefusal as error:
+                raise PeerRpcError(
+                    f"push to {self._address} (data plane) failed: {error}", error.code
+                ) from None
+            except DataPlaneTimeout as error:
+                raise PeerUnavailable(f"push to {self._address} failed: {error}", timed_out=True) from None
+            except DataPlaneError as error:
+                _log.info("data plane failed; pushing over gRPC", peer=self._address, error=str(error))
+            else:
+                self._bytes_sent += 12 + len(header) + prepared.payload.nbytes
+                self.data_plane_pushes += 1
+                return ack
         if not streamed:
             # A second push to this peer while one is in flight does not queue behind it.
             return await self._push_unary(first, deadline)
@@ -525,6 +556,19 @@ class PeerClient:
     def _forget_handshake(self) -> None:
         self._identity = None
         self._remote = None
+
+    async def _data_plane_for(self, remote: pb.HandshakeResponse | None) -> DataPlaneClient | None:
+        """The client of the data plane the peer's last handshake announced (a new one when the port
+        changed: a restarted peer); None when it announced none."""
+        port = remote.data_port if remote is not None else 0
+        current = self._data_plane
+        if current is not None and current.port != port:
+            self._data_plane = None
+            await current.close()
+        if port and self._data_plane is None:
+            host = self._address.rsplit(":", 1)[0]
+            self._data_plane = DataPlaneClient(host, port, self._security or TransportSecurity.insecure())
+        return self._data_plane
 
     def _translate(self, error: grpc.aio.AioRpcError, operation: str) -> Exception:
         code = error.code()

@@ -142,11 +142,32 @@ def _read_varint(raw: memoryview, position: int) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class RawChunk:
-    """A VectorChunk parsed without copying its payload: `data` is a view into the received message."""
+    """A VectorChunk parsed without copying its payload: `data` is a view into the received message.
+
+    `header_only`: the header of a vector whose payload follows as bytes the reader writes straight
+    into the assembler's `slot()` (the data plane, agent/transport/data_plane.py); never set for a
+    PushVector message, whose first chunk must carry payload.
+    """
 
     header: pb.VectorHeader | None
     data: memoryview | bytes
     message_bytes: int
+    header_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadInPlace:
+    """`nbytes` payload bytes a reader has already written into `VectorAssembler.slot()`."""
+
+    nbytes: int
+
+    @property
+    def header(self) -> None:
+        return None
+
+    @property
+    def message_bytes(self) -> int:
+        return self.nbytes
 
 
 def parse_chunk(raw: bytes) -> RawChunk:
@@ -222,6 +243,52 @@ def iter_frames(
 
     Arguments are validated eagerly, before the first frame is produced.
     """
+    header_field = _header_field(
+        wire_vector,
+        sender_id=sender_id,
+        iteration=iteration,
+        round=round,
+        epoch=epoch,
+        chunk_bytes=chunk_bytes,
+        name=name,
+        include_shape=include_shape,
+    )
+    return _frame_generator(wire_vector.payload, header_field, chunk_bytes)
+
+
+def header_message(
+    wire_vector: WireVector,
+    *,
+    sender_id: str,
+    iteration: int,
+    round: int,
+    epoch: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> bytes:
+    """The serialized VectorChunk that carries only the header of ``wire_vector``: what the data plane
+    sends before the raw payload bytes (``wire_vector.payload``, in ``chunk_bytes`` pieces at the
+    receiver). Validates the arguments as ``iter_frames`` does."""
+    return _header_field(
+        wire_vector,
+        sender_id=sender_id,
+        iteration=iteration,
+        round=round,
+        epoch=epoch,
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def _header_field(
+    wire_vector: WireVector,
+    *,
+    sender_id: str,
+    iteration: int,
+    round: int,
+    epoch: int,
+    chunk_bytes: int,
+    name: str = "",
+    include_shape: bool = False,
+) -> bytes:
     header = pb.VectorHeader(
         sender_id=sender_id,
         iteration=_check_unsigned("iteration", iteration, _UINT64_MAX),
@@ -240,8 +307,7 @@ def iter_frames(
         keep_reference=wire_vector.keep_reference,
     )
     header_bytes = header.SerializeToString()
-    header_field = bytes([_HEADER_FIELD_TAG]) + _encode_varint(len(header_bytes)) + header_bytes
-    return _frame_generator(wire_vector.payload, header_field, chunk_bytes)
+    return bytes([_HEADER_FIELD_TAG]) + _encode_varint(len(header_bytes)) + header_bytes
 
 
 def _frame_generator(payload: memoryview, header_field: bytes, chunk_bytes: int) -> Iterator[bytes]:
@@ -421,15 +487,23 @@ class VectorAssembler:
         return self._received_bytes
 
     @property
+    def expected_bytes(self) -> int:
+        """Payload bytes the accepted header announces (0 before the header); kept after release()."""
+        return self._total_bytes
+
+    @property
     def inflates(self) -> bool:
         """Whether finish() decodes a float32-huffman or float32-delta payload (milliseconds of CPU per MB):
         a caller on an event loop runs finish() in a thread then. Known once the header has been added."""
         return self._coded
 
-    def add(self, chunk: pb.VectorChunk | RawChunk) -> None:
+    def add(self, chunk: pb.VectorChunk | RawChunk | PayloadInPlace) -> None:
         if self._finished:
             raise RuntimeError("VectorAssembler.add() called after finish()")
         self._chunks_seen += 1
+        if isinstance(chunk, PayloadInPlace):
+            self._accept_in_place(chunk.nbytes)
+            return
         header, data = split_chunk(chunk)
         if self._header is None:
             if header is None:
@@ -437,6 +511,10 @@ class VectorAssembler:
                     WireErrorKind.MISSING_HEADER, "first chunk of the stream carries no VectorHeader"
                 )
             self._accept_header(header)
+            if isinstance(chunk, RawChunk) and chunk.header_only:
+                if len(data):
+                    raise WireError(WireErrorKind.FRAMING, "a header-only chunk carries payload bytes")
+                return
         elif header is not None:
             raise WireError(
                 WireErrorKind.DUPLICATE_HEADER,
@@ -714,6 +792,27 @@ class VectorAssembler:
                 f"name={header.name!r} shape={list(header.shape)}",
             )
 
+    def slot(self) -> memoryview:
+        """Where the next chunk's payload bytes go: a view of the receive buffer, ``chunk_bytes`` long
+        (less for the last chunk; empty once the payload is complete). A reader fills it and then
+        ``add(PayloadInPlace(len(slot)))``: the payload is checked there without another copy."""
+        header, view = self._header, self._buffer_view
+        if self._finished or header is None or view is None:
+            raise RuntimeError("VectorAssembler.slot() needs an accepted header and an unfinished stream")
+        start = self._received_bytes
+        return view[start : start + min(header.chunk_bytes, self._total_bytes - start)]
+
+    def _accept_in_place(self, nbytes: int) -> None:
+        if self._header is None:
+            raise WireError(WireErrorKind.MISSING_HEADER, "payload bytes arrived before any VectorHeader")
+        expected = len(self.slot())
+        if nbytes != expected or nbytes == 0:
+            raise WireError(
+                WireErrorKind.BAD_CHUNK_SIZE,
+                f"chunk {self._chunks_seen} carries {nbytes} bytes; expected {expected}",
+            )
+        self._account(nbytes)
+
     def _append(self, data: memoryview | bytes) -> None:
         header = self._header
         view = self._buffer_view
@@ -735,8 +834,15 @@ class VectorAssembler:
             )
         start = self._received_bytes
         view[start : start + len(data)] = data
-        self._crc = payload_crc32(data, self._crc)
-        self._received_bytes += len(data)
+        self._account(len(data))
+
+    def _account(self, nbytes: int) -> None:
+        """The CRC and the finite check of the ``nbytes`` just written at the receive position."""
+        view = self._buffer_view
+        assert view is not None
+        start = self._received_bytes
+        self._crc = payload_crc32(view[start : start + nbytes], self._crc)
+        self._received_bytes += nbytes
         if self._sums_finite and self._values is not None:
             # Only whole elements: chunk_bytes need not be a multiple of the element size.
             end = self._received_bytes // self._values.element_size()
@@ -776,6 +882,7 @@ __all__ = [
     "WIRE_DTYPE_NAMES",
     "DecodedVector",
     "ExpectedVector",
+    "PayloadInPlace",
     "Position",
     "RawChunk",
     "VectorAssembler",
@@ -787,6 +894,7 @@ __all__ = [
     "decode_vector",
     "encode_vector",
     "header_dtype_name",
+    "header_message",
     "iter_chunks",
     "iter_frames",
     "parse_chunk",

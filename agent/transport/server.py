@@ -41,6 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.codecs import GossipKind
+from agent.transport.data_plane import DataPlaneServer, PushPayload
 from agent.transport.frames import (
     DecodedVector,
     ExpectedVector,
@@ -253,6 +254,7 @@ class GossipServer:
         max_connection_idle_s: float = SERVER_MAX_CONNECTION_IDLE_MS / 1000,
         security: TransportSecurity | None = None,
         gossip: GossipKind | None = None,
+        data_port: int | None = None,
     ) -> None:
         """`stall_timeout`: seconds without a chunk before a PushVector stream (or without progress
         before a FetchState send) is aborted; pass the agent's round timeout. `max_push_streams*`:
@@ -260,11 +262,14 @@ class GossipServer:
         with no RPC for this long is closed (grpc.max_connection_idle_ms). `security`: mutual TLS and
         the allowlist (agent/transport/tls.py); None serves plaintext and trusts claimed node ids.
         `gossip`: the run's kind of gossip (plain or one compressor's); pushes of another kind are refused
-        as malformed. None accepts any kind (tests of the transport alone)."""
+        as malformed. None accepts any kind (tests of the transport alone). `data_port`: also listen for
+        pushes on this TCP port (agent/transport/data_plane.py; 0: any free port), announced in every
+        handshake answer; None: PushVector and PushStream only."""
         if vector_length < 0:
             raise ValueError(f"vector_length must be >= 0, got {vector_length}")
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {port}")
+        for name, value in (("port", port), ("data_port", 0 if data_port is None else data_port)):
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
         self._identity = identity
         self._security = security or TransportSecurity.insecure()
         self._inbox = inbox
@@ -276,6 +281,7 @@ class GossipServer:
         self._status_provider = status_provider
         self._host = host
         self._requested_port = port
+        self._requested_data_port = data_port or 0
         self._device = device
         self._state_chunk_bytes = validate_chunk_bytes(state_chunk_bytes)
         if not stall_timeout > 0:  # also rejects NaN
@@ -308,6 +314,18 @@ class GossipServer:
         self._rejection_counts: Counter[tuple[str, str]] = Counter()
         # float32-delta: per sender, the last vector it pushed with keep_reference (transport.references)
         self._references = References()
+        self._data_plane = (
+            None
+            if data_port is None
+            else DataPlaneServer(
+                host,
+                data_port,
+                self._security,
+                self._receive_push,
+                stall_timeout=self._stall_timeout,
+                max_connections=max_push_streams,
+            )
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -347,6 +365,13 @@ class GossipServer:
         if bound_port == 0:
             # Older grpcio signals bind failure by returning port 0 instead of raising.
             raise BindError(f"cannot bind gossip server to {requested} (port in use or address invalid)")
+        if self._data_plane is not None:
+            try:
+                await self._data_plane.start()
+            except OSError as error:
+                await server.stop(None)
+                where = _format_address(self._host, self._requested_data_port)
+                raise BindError(f"cannot bind the data plane to {where}: {error}") from error
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
@@ -356,7 +381,19 @@ class GossipServer:
             address=self.address,
             node_id=self._identity.node_id,
             tls=self._security.enabled,
+            **({"data_port": self._data_plane.port} if self._data_plane is not None else {}),
         )
+
+    @property
+    def data_plane_connections(self) -> tuple[int, int]:
+        """Data-plane connections (served, refused at the cap) since start; (0, 0) without a data plane."""
+        plane = self._data_plane
+        return (plane.connections_accepted, plane.connections_refused) if plane is not None else (0, 0)
+
+    @property
+    def data_port(self) -> int:
+        """The bound port of the data plane; 0 when there is none."""
+        return self._data_plane.port if self._data_plane is not None and self._server is not None else 0
 
     async def stop(self, grace: float = 1.0) -> None:
         """Report NOT_SERVING, then stop; in-flight RPCs get `grace` seconds to finish."""
@@ -369,6 +406,8 @@ class GossipServer:
         for waiting in list(self._idle_push_streams):
             with contextlib.suppress(RuntimeError):
                 waiting.reschedule(now)
+        if self._data_plane is not None:
+            await self._data_plane.stop()
         await server.stop(grace)
         _log.info("gossip_server_stopped", node_id=self._identity.node_id)
 
@@ -682,7 +721,10 @@ class GossipServer:
             self._peers.pop(request.node_id, None)
             self._log_once(request.node_id or peer, "handshake_refused", reason)
         status = self._status_provider() if self._status_provider is not None else None
-        return self._identity.handshake_response(accepted=accepted, reason=reason or "", status=status)
+        response = self._identity.handshake_response(accepted=accepted, reason=reason or "", status=status)
+        if accepted:
+            response.data_port = self.data_port
+        return response
 
     def _transport_refusal(self, request: pb.HandshakeRequest) -> str | None:
         """Checks no policy may override: without them the wire protocol itself cannot work."""
@@ -767,6 +809,8 @@ class GossipServer:
                             references=self._references,
                         )
                     )
+                    if isinstance(chunks, PushPayload):
+                        chunks.bind(assembler)  # the data plane reads the payload into its slots
                     assembler.add(chunk)
                     stream.position = Position(header.iteration, header.round)
                     if self._inbox.classify(sender, header.iteration, header.round) is PutOutcome.DUPLICATE:

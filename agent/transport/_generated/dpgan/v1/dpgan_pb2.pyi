@@ -100,7 +100,7 @@ class PeerStatus(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., ready_from_iteration: _Optional[int] = ..., training: _Optional[bool] = ..., iteration: _Optional[int] = ..., view_period: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., stop_at_iteration: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("accepted", "reason", "node_id", "protocol_version", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id", "run_id")
+    __slots__ = ("accepted", "reason", "node_id", "protocol_version", "schema_hash", "config_hash", "config_json", "membership_epoch", "agent_version", "status", "instance_id", "run_id", "data_port")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class HandshakeResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     node_id: str
@@ -125,7 +126,8 @@ class HandshakeResponse(_message.Message):
     status: PeerStatus
     instance_id: str
     run_id: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., schema_hash: _Optional[str] = ..., config_hash: _Optional[str] = ..., config_json: _Optional[str] = ..., membership_epoch: _Optional[int] = ..., agent_version: _Optional[str] = ..., status: _Optional[_Union[PeerStatus, _Mapping]] = ..., instance_id: _Optional[str] = ..., run_id: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class VectorHeader(_message.Message):
     __slots__ = ("sender_id", "iteration", "round", "membership_epoch", "dtype", "element_count", "checksum", "chunk_bytes", "name", "shape", "edge", "coded_bytes", "reference", "keep_reference")
