@@ -302,3 +302,16 @@ def test_agents_on_the_data_plane_reproduce_the_simulator_bit_for_bit(tmp_path: 
     started = [line for line in (tmp_path / "agents" / "node-0" / "agent.log").read_text().splitlines()
                if "gossip_server_started" in line]  # fmt: skip
     assert started and '"data_port"' in started[0]
+
+
+def test_the_data_port_flag_is_checked_and_forwarded_by_local(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.node.local import agent_flags
+    from agent.node.main import agent_main
+
+    assert agent_flags(["--local", "3", "--data-port", "0"], 3) == ["--data-port=0"]
+    assert agent_flags(["--local", "3", "--data-port", "7000"], 3) == ["--data-port=7000"]
+    with pytest.raises(ValueError, match="--data-port P gives agent i port P"):
+        agent_flags(["--local", "3", "--data-port", "65535"], 3)
+    argv = ["--data-port", "70000", "--listen", "127.0.0.1:5999", "--dataset", "ring8", "--discovery", "none"]
+    assert agent_main(argv) == 2
+    assert "--data-port: must be 0 to 65535, got 70000" in capsys.readouterr().err

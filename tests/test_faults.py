@@ -101,6 +101,13 @@ def test_float32_delta_restart_with_same_id_mixes_within_7s(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(200)
+def test_data_plane_restart_with_same_id_mixes_within_5s(tmp_path: Path) -> None:
+    """With --data-port 0 a restarted node listens for pushes on a new port: its neighbours' connections
+    to the old one fail (those pushes go over gRPC), and their next handshake names the new port."""
+    check_timed(lambda root: faults.scenario_restart(root, resume=True, extra=["--data-port", "0"]), tmp_path)
+
+
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
 def test_restart_with_same_id_mixes_within_5s(tmp_path: Path, resume: bool) -> None:
     check_timed(lambda root: faults.scenario_restart(root, resume=resume), tmp_path)

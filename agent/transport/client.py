@@ -200,6 +200,7 @@ class PeerClient:
         # The peer's data plane (agent/transport/data_plane.py), when its handshake announced one.
         self._data_plane: DataPlaneClient | None = None
         self.data_plane_pushes = 0  # pushes the data plane carried (the rest went over gRPC)
+        self._data_plane_failing = False
 
     async def __aenter__(self) -> Self:
         return self
@@ -335,8 +336,15 @@ class PeerClient:
             except DataPlaneTimeout as error:
                 raise PeerUnavailable(f"push to {self._address} failed: {error}", timed_out=True) from None
             except DataPlaneError as error:
-                _log.info("data plane failed; pushing over gRPC", peer=self._address, error=str(error))
+                # Once per outage: a blocked port would otherwise log at every retry.
+                (_log.debug if self._data_plane_failing else _log.info)(
+                    "data plane failed; pushing over gRPC", peer=self._address, error=str(error)
+                )
+                self._data_plane_failing = True
             else:
+                if self._data_plane_failing:
+                    _log.info("data plane works again", peer=self._address)
+                    self._data_plane_failing = False
                 self._bytes_sent += 12 + len(header) + prepared.payload.nbytes
                 self.data_plane_pushes += 1
                 return ack

@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 import grpc
+import structlog
 
 from agent.security.certs import CLUSTER_SERVER_NAME
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
@@ -65,6 +66,8 @@ IDLE_TIMEOUT_S: Final = 300.0
 RETRY_AFTER_S: Final = 10.0
 # Bytes a TLS transport may hand over beyond what the reader asked for (one TLS record is ≤ 16 KiB).
 _MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
+
+_log = structlog.get_logger(__name__)
 
 PushResult = pb.PushAck | tuple[grpc.StatusCode, str]
 # GossipServer._receive_push: (chunks, peer, authenticated node id) -> (result, interrupted).
@@ -317,6 +320,8 @@ class DataPlaneServer:
                     return
         except (ConnectionError, TimeoutError, ssl.SSLError):
             return
+        except Exception:  # a bug here must not pass silently, nor take the server down
+            _log.exception("data_plane_connection_failed", peer=peer)
         finally:
             connection.close()
 
