@@ -110,3 +110,40 @@ def test_a_joiner_whose_member_freezes_mid_join_enters_through_another(tmp_path:
             cluster.signal(frozen, signal.SIGCONT)
         codes = cluster.stop(timeout=30)
         assert codes == [0, 0, 0, 0], cluster.tail()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_joiner_whose_members_all_stop_waits_for_them_and_never_trains_alone(tmp_path: Path) -> None:
+    """2 agents train; a 3rd joins, and while it waits for the join boundary the 2 stop (SIGTERM: an agreed
+    stop) and exit. The joiner has no member to enter through: it waits for its peers as at start, and
+    does not found a cluster of its own from scratch. When the 2 resume, it joins them."""
+    flags = [*CLUSTER_FLAGS, *AGENT_FLAGS, *iteration_flags(1_000_000), "--view-period", "200"]
+    cluster = Cluster(tmp_path, flags, count=3, extra={i: ["--min-peers", "1"] for i in range(2)})
+    with cluster:
+        for i in range(2):
+            cluster.spawn(i)
+        deadline = time.monotonic() + 40
+        while min(max((s.iteration for s in samples(read_events(n.log))), default=-1)
+                  for n in cluster.nodes[:2]) < 20:  # fmt: skip
+            assert time.monotonic() < deadline, cluster.tail()
+            time.sleep(0.2)
+        joiner = cluster.spawn(2)
+        assert _first(joiner.log, lambda e: e.get("event") == "joining running cluster", 40), cluster.tail()
+        cluster.signal(0, signal.SIGTERM)
+        assert cluster.wait(40, indices=[0, 1]) == [0, 0], cluster.tail()
+        waiting = _first(
+            joiner.log, lambda e: e.get("event") == "no member to enter through; planning again", 20
+        )
+        assert waiting is not None, cluster.tail()
+        time.sleep(3)
+        assert not [s for s in samples(read_events(joiner.log))], "the joiner trained alone"
+        assert joiner.process is not None and joiner.process.poll() is None
+        # The members resume where they stopped; the joiner enters through them.
+        for i in range(2):
+            cluster.spawn(i, ["--resume"])
+        fetched = _first(joiner.log, lambda e: e.get("event") == "fetched state", 40)
+        assert fetched is not None and fetched["source"] in ("node-0", "node-1"), cluster.tail()
+        mixed = _first(joiner.log, lambda e: e.get("event") == "iteration" and bool(e.get("neighbours")), 20)
+        assert mixed is not None, cluster.tail()
+        assert cluster.stop(timeout=30) == [0, 0, 0], cluster.tail()

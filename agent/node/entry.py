@@ -149,11 +149,14 @@ class ClusterEntry:
                     await self._join(plan.source, resync=self.agent.state is not None, at=plan.at)
                     return
             except NoTrainingSource as error:
-                # The member to enter through stopped training and no other peer trains: plan again
-                # from fresh positions (founding with the peers at the highest iteration, or waiting).
+                # The member to enter through stopped training and no other peer trains: wait for as
+                # many peers as at start (never found alone because the others went away; past
+                # --startup-timeout the agent exits as at start), then plan again from fresh positions
+                # (founding with the peers at the highest iteration, or waiting for them).
                 self.agent.log.info("no member to enter through; planning again", reason=str(error))
                 resync = None
                 await self.until_stop(self.agent.registry.wait_for_change(0.5))
+                await self.await_peers(self.needed_peers(), self.agent.options.startup_timeout)
                 continue
             if plan.reason != waiting_logged:
                 waiting_logged = plan.reason
@@ -356,6 +359,13 @@ class ClusterEntry:
         for member_status in await asyncio.gather(*probes):
             if member_status is None:
                 return None
-            if member_status.iteration >= boundary and me not in member_status.members:
+            # A member that does not train (it is re-entering itself) holds no view to count us in: it
+            # takes the source's view when it enters. Only a training member past the boundary can
+            # have left us out.
+            if (
+                member_status.training
+                and member_status.iteration >= boundary
+                and me not in member_status.members
+            ):
                 return None
         return Membership.of(status.members)
