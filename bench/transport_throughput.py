@@ -3,7 +3,8 @@
 Every transport moves the same float32 bytes from a sender process to a separate receiver process
 and is timed on the sender from the start of the send until the receiver's acknowledgement arrives
 (for gRPC: the PushAck, sent after the vector was validated and delivered to the inbox). gRPC pushes
-go as the agent sends them, over the client's long-lived PushStream; `--unary` also measures one
+go as the agent sends them, over the client's long-lived PushStream, and over the data plane
+(`--data-port`, agent/transport/data_plane.py: plaintext only); `--unary` also measures one
 PushVector call per vector (the transport before PushStream) and adds a PushStream / PushVector table.
 Each round runs every transport once (median over --repeats timed runs after one warm-up); rounds are
 interleaved so that all transports see the same machine load. Reported per transport and size: the
@@ -409,15 +410,12 @@ def main() -> None:
                         ),
                     )
                 )
-    for tls in [False] if arguments.no_tls else [False, True]:
-        transports.append(
-            (
-                f"data plane ({wire_dtype}, prepared once{', mutual TLS' if tls else ''})",
-                lambda tls=tls: bench_grpc(
-                    sizes, repeats, chunk_bytes, wire_dtype, True, pki if tls else None, data_plane=True
-                ),
-            )
+    transports.append(
+        (
+            f"data plane ({wire_dtype}, prepared once; plaintext)",
+            lambda: bench_grpc(sizes, repeats, chunk_bytes, wire_dtype, True, data_plane=True),
         )
+    )
     transports += [
         ("raw TCP socket", lambda: bench_tcp(sizes, repeats)),
         (RAW_TCP_CHECKED, lambda: bench_tcp(sizes, repeats, checks=True)),

@@ -15,12 +15,14 @@ import grpc
 import pytest
 import torch
 
+from agent.node.main import agent_main
 from agent.transport import data_plane
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerClient
-from agent.transport.frames import header_message, prepare_vector
+from agent.transport.frames import prepare_vector
+from agent.transport.inbox import Inbox
 from agent.transport.options import MIN_CHUNK_BYTES
-from agent.transport.tls import TransportSecurity
+from agent.transport.server import GossipServer
 from tests.agents import EQUIVALENCE_FLAGS, assert_bit_for_bit, start_agents, wait_all
 from tests.pki import Pki
 from tests.test_transport import gossip_node, identity, run
@@ -224,46 +226,35 @@ def test_a_stalled_push_is_aborted_and_its_connection_closed() -> None:
     run(scenario)
 
 
-def test_mutual_tls_data_plane_accepts_the_cluster_and_refuses_strangers(tmp_path: Path) -> None:
-    pki, other = Pki.create(tmp_path / "pki"), Pki.create(tmp_path / "other")
+def test_the_data_plane_is_plaintext_only_so_tls_nodes_refuse_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TLS node never serves a data plane, and a TLS client never sends a vector outside TLS, whatever
+    a peer announces (TLS through asyncio's SSL layer was slower than gRPC's own: docs/transport.md)."""
+    pki = Pki.create(tmp_path / "pki")
+    with pytest.raises(ValueError, match="data plane is plaintext"):
+        GossipServer(
+            identity=identity("b"), inbox=Inbox(rounds_per_iteration=1), vector_length=4, data_port=0,
+            security=pki.security("b"),
+        )  # fmt: skip
+    cert, key = pki.issue("node-a")
+    argv = ["--data-port", "0", "--listen", "127.0.0.1:5999", "--dataset", "ring8", "--discovery", "none"]
+    argv += ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki.ca_path)]
+    assert agent_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert (
+        "--data-port: the data plane is plaintext and this agent runs mutual TLS" in capsys.readouterr().err
+    )
 
     async def scenario() -> None:
-        async with gossip_node(
-            "b", vector_length=N, rounds_per_iteration=1, data_port=0, security=pki.security("b")
-        ) as node:
-            async with PeerClient(node.server.address, security=pki.security("a")) as client:
-                await client.handshake(identity("a"))
-                node.inbox.expect(0, 0)
-                vector = torch.randn(N)
-                assert (
-                    await client.push_vector(vector, iteration=0, round=0, chunk_bytes=MIN_CHUNK_BYTES)
-                ).accepted
-                assert client.data_plane_pushes == 1
-                received = await node.inbox.wait_for(0, 0, {"a"}, timeout=5)
-                assert torch.equal(received["a"], vector)
-            # A certificate of another CA fails the TLS handshake: no byte is read.
-            stranger = data_plane.DataPlaneClient("127.0.0.1", node.server.data_port, other.security("a"))
-            wire = prepare_vector(torch.ones(N), "float32")
-            header = header_message(
-                wire, sender_id="a", iteration=1, round=0, epoch=0, chunk_bytes=MIN_CHUNK_BYTES
-            )
-            with pytest.raises(data_plane.DataPlaneError):
-                await stranger.push(header, wire.payload, timeout=5)
-            # Plaintext to the TLS port: no answer.
-            with pytest.raises(data_plane.DataPlaneError):
-                plaintext = data_plane.DataPlaneClient(
-                    "127.0.0.1", node.server.data_port, TransportSecurity()
-                )
-                await plaintext.push(header, wire.payload, timeout=5)
-            # A cluster member may speak only for itself: "c"'s certificate claiming to be "a" is refused.
-            async with PeerClient(node.server.address, security=pki.security("c")) as client_c:
-                await client_c.handshake(identity("c"))
-            impostor = data_plane.DataPlaneClient("127.0.0.1", node.server.data_port, pki.security("c"))
-            node.inbox.expect(1, 0)
-            ack = await impostor.push(header, wire.payload, timeout=5)
-            assert not ack.accepted and ack.status == pb.PUSH_STATUS_FORBIDDEN, ack
-            assert "certificate is for 'c'" in ack.reason
-            await impostor.close()
+        async with (
+            gossip_node("b", vector_length=4, rounds_per_iteration=1, security=pki.security("b")) as node,
+            PeerClient(node.server.address, security=pki.security("a")) as client,
+        ):
+            response = await client.handshake(identity("a"))
+            response.data_port = 9  # a peer that announces one anyway
+            node.inbox.expect(0, 0)
+            assert (await client.push_vector(torch.ones(4), iteration=0, round=0)).accepted
+            assert client.data_plane_pushes == 0
 
     run(scenario)
 
@@ -306,12 +297,16 @@ def test_agents_on_the_data_plane_reproduce_the_simulator_bit_for_bit(tmp_path: 
 
 def test_the_data_port_flag_is_checked_and_forwarded_by_local(capsys: pytest.CaptureFixture[str]) -> None:
     from agent.node.local import agent_flags
-    from agent.node.main import agent_main
 
-    assert agent_flags(["--local", "3", "--data-port", "0"], 3) == ["--data-port=0"]
-    assert agent_flags(["--local", "3", "--data-port", "7000"], 3) == ["--data-port=7000"]
+    assert agent_flags(["--local", "3", "--insecure", "--data-port", "0"], 3) == [
+        "--data-port=0",
+        "--insecure",
+    ]
+    assert "--data-port=7000" in agent_flags(["--local", "3", "--insecure", "--data-port", "7000"], 3)
     with pytest.raises(ValueError, match="--data-port P gives agent i port P"):
-        agent_flags(["--local", "3", "--data-port", "65535"], 3)
+        agent_flags(["--local", "3", "--insecure", "--data-port", "65535"], 3)
+    with pytest.raises(ValueError, match="--data-port needs --insecure"):
+        agent_flags(["--local", "3", "--data-port", "0"], 3)
     argv = ["--data-port", "70000", "--listen", "127.0.0.1:5999", "--dataset", "ring8", "--discovery", "none"]
     assert agent_main(argv) == 2
     assert "--data-port: must be 0 to 65535, got 70000" in capsys.readouterr().err

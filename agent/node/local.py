@@ -132,6 +132,11 @@ def agent_flags(argv: Sequence[str], count: int) -> list[str]:
             )
         forwarded.append(f"--metrics-port={args.metrics_port}")  # agent i listens on P + i
     if args.data_port is not None:
+        if not args.insecure:
+            raise ValueError(
+                "--local: --data-port needs --insecure (the data plane is plaintext; without --insecure "
+                "the agents run mutual TLS)"
+            )
         if args.data_port and not 1 <= args.data_port <= 65536 - count:
             raise ValueError(
                 f"--local: --data-port P gives agent i port P + i: P must be 0 or 1 to {65536 - count}"

@@ -77,8 +77,8 @@ def agent_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="PORT",
         help="also receive gossip pushes on this TCP port, raw bytes beside gRPC (0: any free port; "
-        "announced in the handshake; the same TLS as gRPC). Faster than gRPC for vectors of 1 MiB and up "
-        "on fast links (docs/transport.md); peers that cannot reach it push over gRPC",
+        "announced in the handshake; plaintext, so not with --tls-*). Faster than gRPC for vectors of "
+        "1 MiB and up on fast links (docs/transport.md); peers that cannot reach it push over gRPC",
     )
     parser.add_argument(
         "--insecure",
@@ -237,6 +237,11 @@ def build_options(args: argparse.Namespace, config: TrainConfig):  # noqa: ANN20
         insecure=args.insecure,
     )
     node_id = check_node_id(trust.node_id or given_id or advertise)
+    if args.data_port is not None and trust.security.enabled:
+        raise ValueError(
+            "--data-port: the data plane is plaintext and this agent runs mutual TLS (--tls-*); drop "
+            "--data-port, or run without TLS on a trusted network (docs/transport.md)"
+        )
     for value, what in ((args.checkpoint_every, "--checkpoint-every"), (args.log_every, "--log-every")):
         _positive(value, what)
     _positive(args.round_timeout, "--round-timeout")

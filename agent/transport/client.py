@@ -196,7 +196,6 @@ class PeerClient:
         self._remote: pb.HandshakeResponse | None = None
         self._bytes_sent = 0
         self._bytes_received = 0
-        self._security = security
         # The peer's data plane (agent/transport/data_plane.py), when its handshake announced one.
         self._data_plane: DataPlaneClient | None = None
         self.data_plane_pushes = 0  # pushes the data plane carried (the rest went over gRPC)
@@ -573,9 +572,9 @@ class PeerClient:
         if current is not None and current.port != port:
             self._data_plane = None
             await current.close()
-        if port and self._data_plane is None:
-            host = self._address.rsplit(":", 1)[0]
-            self._data_plane = DataPlaneClient(host, port, self._security or TransportSecurity.insecure())
+        if port and self._data_plane is None and not self._tls:
+            # Plaintext only: a TLS client never sends a vector outside TLS, whatever a peer announces.
+            self._data_plane = DataPlaneClient(self._address.rsplit(":", 1)[0], port)
         return self._data_plane
 
     def _translate(self, error: grpc.aio.AioRpcError, operation: str) -> Exception:

@@ -1,12 +1,13 @@
-"""The data plane: gossip pushes over one plain TCP (or TLS) connection per neighbour, beside gRPC.
+"""The data plane: gossip pushes over one plain TCP connection per neighbour, beside gRPC.
 
 gRPC's receive path costs more than the link at 1–16 MiB on loopback (docs/transport.md: its HTTP/2
 framing, two copies inside grpcio and a thread hop per message). Here a push is a length-prefixed
 VectorChunk holding only the VectorHeader, then the payload's raw bytes, which the receiver reads
 straight into the assembler's receive buffer (``VectorAssembler.slot``) one ``chunk_bytes`` piece at a
-time. Every check of a PushVector push still runs, in the same code (``GossipServer._receive_push``):
-the caps, the handshake and certificate checks, the stall watchdog, the position, the CRC-32, the
-finite check and the inbox. The answer is the same PushAck.
+time, and the sender writes from its prepared vector's memory without a copy (``sock_sendall``). Every
+check of a PushVector push still runs, in the same code (``GossipServer._receive_push``): the caps, the
+handshake check, the stall watchdog, the position, the CRC-32, the finite check and the inbox. The
+answer is the same PushAck.
 
 Wire format (all integers little-endian):
 
@@ -20,11 +21,12 @@ Wire format (all integers little-endian):
   the call with: a cap reached, a stall). After an ``ERROR`` the server closes the connection; the
   client opens a new one for its next push.
 
-Security: with credentials the listener speaks TLS and demands a client certificate of the cluster CA,
-as gRPC's does (``TransportSecurity``); the caller's node id is its certificate's subject CN, compared
-with the header's sender, and only handshaken senders' pushes are read. Plaintext trusts the header,
-as plaintext gRPC does. The data plane is off unless the operator gives ``--data-port``; a client whose
-connection fails pushes over gRPC instead and tries the data plane again after ``RETRY_AFTER_S``.
+Security: plaintext only, so an agent with TLS credentials refuses ``--data-port`` (agent/node/main.py).
+It trusts the header's sender as plaintext gRPC does, and reads pushes only from senders that completed
+a gRPC handshake (run id, configuration, schema). TLS through asyncio's SSL layer moved 0.24–0.54× of
+the plaintext bytes on loopback, slower than gRPC's own TLS (docs/transport.md), so it is not offered.
+The data plane is off unless the operator gives ``--data-port``. A client whose connection fails
+pushes over gRPC instead, and tries the data plane again after ``RETRY_AFTER_S``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +42,6 @@ from typing import Final
 import grpc
 import structlog
 
-from agent.security.certs import CLUSTER_SERVER_NAME
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.frames import (
     PayloadInPlace,
@@ -51,7 +51,6 @@ from agent.transport.frames import (
     WireErrorKind,
     parse_chunk,
 )
-from agent.transport.tls import TransportSecurity
 
 PREAMBLE: Final = b"DPGANDP1"
 MAX_HEADER_MESSAGE_BYTES: Final = 64 * 1024
@@ -64,7 +63,7 @@ _RESPONSE: Final = struct.Struct("<BI")
 IDLE_TIMEOUT_S: Final = 300.0
 # After a failed connection the client pushes over gRPC for this long before it dials again.
 RETRY_AFTER_S: Final = 10.0
-# Bytes a TLS transport may hand over beyond what the reader asked for (one TLS record is ≤ 16 KiB).
+# Bytes a transport may hand over while no read waits (reading is paused then; a safety bound).
 _MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
 _log = structlog.get_logger(__name__)
@@ -84,51 +83,13 @@ class DataPlaneTimeout(DataPlaneError):
     """The push did not end within its timeout (the peer is slow or frozen): as a timed-out PushVector."""
 
 
-def server_ssl_context(security: TransportSecurity) -> ssl.SSLContext | None:
-    """TLS for the listener: this node's certificate, and a client certificate of the cluster CA required."""
-    credentials = security.credentials
-    if credentials is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(credentials.cert_path, credentials.key_path)
-    context.load_verify_locations(cadata=credentials.ca_pem.decode("ascii"))
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def client_ssl_context(security: TransportSecurity) -> ssl.SSLContext | None:
-    """TLS for a client: this node's certificate; the server's checked against the cluster CA and the
-    name every node certificate carries (``CLUSTER_SERVER_NAME``), as gRPC's channel checks it."""
-    credentials = security.credentials
-    if credentials is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(credentials.cert_path, credentials.key_path)
-    context.load_verify_locations(cadata=credentials.ca_pem.decode("ascii"))
-    return context
-
-
-def certificate_node_id(transport: asyncio.BaseTransport) -> str | None:
-    """The subject common name of the peer's verified certificate (None on plaintext)."""
-    certificate = transport.get_extra_info("peercert")
-    if not certificate:
-        return None
-    for entry in certificate.get("subject", ()):
-        for key, value in entry:
-            if key == "commonName":
-                return str(value)
-    return None
-
-
 # ---- server --------------------------------------------------------------------------------------------
 
 
 class _Connection(asyncio.BufferedProtocol):
     """One data-plane connection, read into buffers the reader names (``read_into``), never copied on
     the way: the transport reads straight into the assembler's slot. Reading is paused between reads,
-    so bytes wait in the kernel (or TLS) buffers until the server asks for them."""
+    so bytes wait in the kernel's buffers until the server asks for them."""
 
     def __init__(self, on_open: Callable[[_Connection], None]) -> None:
         self._on_open = on_open
@@ -136,7 +97,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._target: memoryview | None = None
         self._filled = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._pending = bytearray()  # bytes handed over with no read waiting (TLS records)
+        self._pending = bytearray()  # bytes handed over with no read waiting
         self._scratch = memoryview(bytearray(64 * 1024))
         self.closed = False
 
@@ -254,14 +215,12 @@ class DataPlaneServer:
         self,
         host: str,
         port: int,
-        security: TransportSecurity,
         receive: ReceivePush,
         *,
         stall_timeout: float,
         max_connections: int,
     ) -> None:
         self._host, self._port = host, port
-        self._security = security
         self._receive = receive
         self._stall_timeout = stall_timeout
         self._max_connections = max_connections
@@ -279,10 +238,8 @@ class DataPlaneServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host = self._host.strip("[]") or None
-        context = server_ssl_context(self._security)
-        tls = {"ssl": context, "ssl_handshake_timeout": self._stall_timeout} if context is not None else {}
         self._server = await loop.create_server(
-            lambda: _Connection(self._opened), host, self._port, reuse_port=False, **tls
+            lambda: _Connection(self._opened), host, self._port, reuse_port=False
         )
 
     async def stop(self) -> None:
@@ -310,22 +267,21 @@ class DataPlaneServer:
     async def _serve(self, connection: _Connection) -> None:
         assert connection.transport is not None
         peer = _peer_name(connection.transport)
-        authenticated = certificate_node_id(connection.transport)
         try:
             preamble = await asyncio.wait_for(connection.read_exactly(len(PREAMBLE)), self._stall_timeout)
             if preamble != PREAMBLE:
                 return
             while not connection.closed:
-                if not await self._serve_push(connection, peer, authenticated):
+                if not await self._serve_push(connection, peer):
                     return
-        except (ConnectionError, TimeoutError, ssl.SSLError):
+        except (ConnectionError, TimeoutError):
             return
         except Exception:  # a bug here must not pass silently, nor take the server down
             _log.exception("data_plane_connection_failed", peer=peer)
         finally:
             connection.close()
 
-    async def _serve_push(self, connection: _Connection, peer: str, authenticated: str | None) -> bool:
+    async def _serve_push(self, connection: _Connection, peer: str) -> bool:
         """One push and its answer; False when the connection must close."""
         prefix = await asyncio.wait_for(connection.read_exactly(_PUSH_PREFIX.size), IDLE_TIMEOUT_S)
         length, payload_bytes = _PUSH_PREFIX.unpack(prefix)
@@ -345,7 +301,7 @@ class DataPlaneServer:
             return False
         header_chunk = RawChunk(parsed.header, b"", _PUSH_PREFIX.size + length, header_only=True)
         payload = PushPayload(connection, header_chunk, payload_bytes)
-        result, _ = await self._receive(payload, peer, authenticated)
+        result, _ = await self._receive(payload, peer, None)  # plaintext: no certificate identity
         if isinstance(result, tuple):
             code, reason = result
             connection.write(_error(code, reason))
@@ -387,8 +343,8 @@ def _error(code: grpc.StatusCode, reason: str) -> bytes:
 
 
 class _PlainConnection:
-    """A client connection over a plain socket: the payload goes from the sender's memory to the kernel
-    with no copy (``sock_sendall`` of a memoryview), where a stream transport would buffer a copy."""
+    """A client connection: the payload goes from the sender's memory to the kernel with no copy
+    (``sock_sendall`` of a memoryview), where a stream transport would buffer a copy."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -431,41 +387,12 @@ class _PlainConnection:
         self._sock.close()
 
 
-class _TlsConnection:
-    """A client connection over TLS (asyncio streams: the payload is encrypted from a buffered copy)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader, self._writer = reader, writer
-
-    @classmethod
-    async def open(cls, host: str, port: int, context: ssl.SSLContext) -> _TlsConnection:
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=context, server_hostname=CLUSTER_SERVER_NAME, limit=1 << 20
-        )
-        writer.write(PREAMBLE)
-        return cls(reader, writer)
-
-    async def send(self, head: bytes, payload: memoryview) -> None:
-        self._writer.write(head)
-        self._writer.write(payload)
-        await self._writer.drain()
-
-    async def receive(self, count: int) -> bytes:
-        return await self._reader.readexactly(count)
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
-
-
 class DataPlaneClient:
     """Pushes to one peer's data plane over one connection, one push at a time."""
 
-    def __init__(self, host: str, port: int, security: TransportSecurity) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host.strip("[]"), port
-        self._ssl = client_ssl_context(security)
-        self._connection: _PlainConnection | _TlsConnection | None = None
+        self._connection: _PlainConnection | None = None
         self._lock = asyncio.Lock()
         self._failed_at: float | None = None
 
@@ -508,10 +435,7 @@ class DataPlaneClient:
 
     async def _push(self, header: bytes, payload: memoryview) -> pb.PushAck:
         if self._connection is None:
-            if self._ssl is not None:
-                self._connection = await _TlsConnection.open(self.host, self.port, self._ssl)
-            else:
-                self._connection = await _PlainConnection.open(self.host, self.port)
+            self._connection = await _PlainConnection.open(self.host, self.port)
         connection = self._connection
         await connection.send(_PUSH_PREFIX.pack(len(header), payload.nbytes) + header, payload)
         kind, length = _RESPONSE.unpack(await connection.receive(_RESPONSE.size))

@@ -314,13 +314,14 @@ class GossipServer:
         self._rejection_counts: Counter[tuple[str, str]] = Counter()
         # float32-delta: per sender, the last vector it pushed with keep_reference (transport.references)
         self._references = References()
+        if data_port is not None and self._security.enabled:
+            raise ValueError("data_port: the data plane is plaintext; it cannot serve a TLS-secured node")
         self._data_plane = (
             None
             if data_port is None
             else DataPlaneServer(
                 host,
                 data_port,
-                self._security,
                 self._receive_push,
                 stall_timeout=self._stall_timeout,
                 max_connections=max_push_streams,
