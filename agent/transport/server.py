@@ -263,8 +263,8 @@ class GossipServer:
         the allowlist (agent/transport/tls.py); None serves plaintext and trusts claimed node ids.
         `gossip`: the run's kind of gossip (plain or one compressor's); pushes of another kind are refused
         as malformed. None accepts any kind (tests of the transport alone). `data_port`: also listen for
-        pushes on this TCP port (agent/transport/data_plane.py; 0: any free port), announced in every
-        handshake answer; None: PushVector and PushStream only."""
+        pushes on this TCP port (agent/transport/data_plane.py; plaintext, so not with TLS `security`;
+        0: any free port), announced in every handshake answer; None: PushVector and PushStream only."""
         if vector_length < 0:
             raise ValueError(f"vector_length must be >= 0, got {vector_length}")
         for name, value in (("port", port), ("data_port", 0 if data_port is None else data_port)):
