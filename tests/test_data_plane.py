@@ -19,7 +19,7 @@ from agent.node.main import agent_main
 from agent.transport import data_plane
 from agent.transport._generated.dpgan.v1 import dpgan_pb2 as pb
 from agent.transport.client import PeerClient
-from agent.transport.frames import prepare_vector
+from agent.transport.frames import header_message, prepare_vector
 from agent.transport.inbox import Inbox
 from agent.transport.options import MIN_CHUNK_BYTES
 from agent.transport.server import GossipServer
@@ -34,6 +34,15 @@ N = 3 * MIN_CHUNK_BYTES // 4 + 5  # several chunks, the last one short
 
 def _prefix(header: bytes, payload_bytes: int) -> bytes:
     return struct.pack("<IQ", len(header), payload_bytes) + header
+
+
+async def _until_ready(client: PeerClient) -> None:
+    """The client connects to the data plane in the background after the handshake."""
+    for _ in range(200):
+        if client.data_plane_ready:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the data plane did not connect within 2 s")
 
 
 async def _closed(reader: asyncio.StreamReader) -> bool:
@@ -71,6 +80,7 @@ def test_pushes_go_over_the_data_plane_bit_for_bit_and_refusals_keep_the_connect
             async with PeerClient(node.server.address) as client:
                 response = await client.handshake(identity("a"))
                 assert response.data_port == node.server.data_port
+                await _until_ready(client)
                 vectors = [torch.randn(N) for _ in range(3)]
                 for iteration, vector in enumerate(vectors):
                     node.inbox.expect(iteration, 0)
@@ -109,31 +119,122 @@ def test_without_a_data_port_pushes_use_grpc() -> None:
     run(scenario)
 
 
-def test_an_unreachable_data_plane_falls_back_to_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_data_plane_falls_back_to_grpc_and_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused port (nothing listens) and a port that drops packets (a firewall: the connect hangs)
+    never hold a push up: pushes go over gRPC while the data plane is dialled in the background, and a
+    failed dial is retried after RETRY_AFTER_S, doubling while it keeps failing."""
+    monkeypatch.setattr(data_plane, "CONNECT_TIMEOUT_S", 0.3)
+
     async def scenario() -> None:
         async with (
             gossip_node("b", vector_length=4, rounds_per_iteration=1, data_port=0) as node,
             PeerClient(node.server.address) as client,
         ):
-            response = await client.handshake(identity("a"))
-            # The announced port closes (a firewall, a NAT without the mapping): pushes still arrive.
             with socket.socket() as free:
                 free.bind(("127.0.0.1", 0))
-                response.data_port = free.getsockname()[1]
-            node.inbox.expect(0, 0)
-            assert (await client.push_vector(torch.ones(4), iteration=0, round=0)).accepted
-            assert client.data_plane_pushes == 0
-            # The data plane is not dialled again at once: the next push goes straight to gRPC.
-            node.inbox.expect(1, 0)
-            started = time.monotonic()
-            assert (await client.push_vector(torch.ones(4), iteration=1, round=0)).accepted
-            assert time.monotonic() - started < 1 and client.data_plane_pushes == 0
-            # After RETRY_AFTER_S it is tried again (here: the real port again).
+                closed_port = free.getsockname()[1]
+            real_port = node.server.data_port
+            # The server announces a port nothing listens on (a NAT without the mapping).
+            monkeypatch.setattr(type(node.server), "data_port", property(lambda _: closed_port))
+            await client.handshake(identity("a"))
+            for iteration in range(3):
+                node.inbox.expect(iteration, 0)
+                started = time.monotonic()
+                assert (await client.push_vector(torch.ones(4), iteration=iteration, round=0)).accepted
+                assert time.monotonic() - started < 1
+                await asyncio.sleep(0.1)
+            assert client.data_plane_pushes == 0 and not client.data_plane_ready
+
+            # A dial that hangs (packets dropped) is given up after CONNECT_TIMEOUT_S; pushes meanwhile go
+            # over gRPC at once.
+            hanging = asyncio.Event()
+
+            async def hang(host: str, port: int) -> None:
+                hanging.set()
+                await asyncio.sleep(3600)
+
+            monkeypatch.setattr(data_plane._PlainConnection, "open", staticmethod(hang))
             monkeypatch.setattr(data_plane, "RETRY_AFTER_S", 0.0)
-            response.data_port = node.server.data_port
-            node.inbox.expect(2, 0)
-            assert (await client.push_vector(torch.ones(4), iteration=2, round=0)).accepted
-            assert client.data_plane_pushes == 1
+            other = data_plane.DataPlaneClient("127.0.0.1", real_port)
+            other.connect_soon()
+            await asyncio.wait_for(hanging.wait(), 2)
+            assert not other.ready
+            await asyncio.sleep(0.5)
+            assert not other.ready and "no connection within 0.3 s" in other.last_error
+            await other.close()
+
+            # Back-off: the waits double while dials keep failing, and a success resets them.
+            monkeypatch.setattr(data_plane, "RETRY_AFTER_S", 10.0)
+            backoff = data_plane.DataPlaneClient("127.0.0.1", closed_port)
+            for failures in range(1, 4):
+                backoff._failed(ConnectionRefusedError("refused"))
+                wait = backoff._retry_at - time.monotonic()
+                assert 10.0 * 2 ** (failures - 1) - 1 < wait <= 10.0 * 2 ** (failures - 1)
+            backoff.connect_soon()
+            assert backoff._connecting is None  # still waiting to retry: not dialled
+
+    run(scenario)
+
+
+def test_closing_the_client_ends_a_push_in_flight_at_once() -> None:
+    """A receiver frozen mid-push (its socket takes no more bytes, no answer comes): when the registry
+    closes the peer's client (the peer stopped answering probes), the push ends at once, as a gRPC call on
+    a closed channel does, instead of at its deadline."""
+
+    async def scenario() -> None:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never reads
+        port = silent.sockets[0].getsockname()[1]
+        client = data_plane.DataPlaneClient("127.0.0.1", port)
+        client.connect_soon()
+        for _ in range(200):
+            if client.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert client.ready
+        wire = prepare_vector(torch.ones(16 * MIN_CHUNK_BYTES), "float32")
+        header = header_message(wire, sender_id="a", iteration=0, round=0, epoch=0)
+        push = asyncio.ensure_future(client.push(header, wire.payload, timeout=60))
+        await asyncio.sleep(0.3)
+        assert not push.done()
+        started = time.monotonic()
+        await client.close()
+        with pytest.raises(asyncio.CancelledError):
+            await push
+        assert time.monotonic() - started < 1
+        silent.close()
+
+    run(scenario)
+
+
+def test_a_push_made_stale_mid_chunk_keeps_the_connection_in_step() -> None:
+    """The inbox moves on while a chunk is half received: the push is aborted (STALE), the rest of its
+    bytes are skipped, the answer comes at once, and the next push on the connection is accepted. (A
+    fresh tester's case: the half chunk was not counted, and the server waited for bytes that never
+    came.)"""
+
+    async def scenario() -> None:
+        async with gossip_node(
+            "b", vector_length=N, rounds_per_iteration=1, data_port=0, stall_timeout=3
+        ) as node:
+            async with PeerClient(node.server.address) as client:
+                await client.handshake(identity("a"))
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.server.data_port)
+            good = struct.pack(f"<{N}f", *([1.0] * N))
+            node.inbox.expect(0, 0)
+            half = MIN_CHUNK_BYTES // 2
+            writer.write(data_plane.PREAMBLE + _prefix(_header("a", 0, good, N), len(good)) + good[:half])
+            await asyncio.sleep(0.3)
+            node.inbox.expect(1, 0)  # the push becomes stale while it arrives
+            await asyncio.sleep(0.3)
+            writer.write(good[half:])
+            started = time.monotonic()
+            kind, body = await asyncio.wait_for(_response(reader), 10)
+            assert kind == data_plane.ACK and pb.PushAck.FromString(body).status == pb.PUSH_STATUS_STALE
+            assert time.monotonic() - started < 1
+            writer.write(_prefix(_header("a", 1, good, N), len(good)) + good)
+            kind, body = await asyncio.wait_for(_response(reader), 10)
+            assert kind == data_plane.ACK and pb.PushAck.FromString(body).accepted, body
+            writer.close()
 
     run(scenario)
 

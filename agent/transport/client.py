@@ -232,6 +232,11 @@ class PeerClient:
         return self._use_push_stream
 
     @property
+    def data_plane_ready(self) -> bool:
+        """Whether the next push can go over the peer's data plane (announced, connected, not busy)."""
+        return self._data_plane is not None and self._data_plane.ready
+
+    @property
     def remote(self) -> pb.HandshakeResponse | None:
         """The peer's identity from the last accepted handshake, or None before one succeeded."""
         return self._remote
@@ -267,6 +272,9 @@ class PeerClient:
             raise HandshakeRefused(self._address, f"peer accepted, but this node refuses it: {mismatch}")
         self._identity = identity
         self._remote = response
+        data_plane = await self._data_plane_for(response)
+        if data_plane is not None:
+            data_plane.connect_soon()  # ready by the first push, usually
         return response
 
     async def push_vector(
@@ -317,7 +325,7 @@ class PeerClient:
 
         first = frames()  # validates the arguments before anything is sent
         data_plane = await self._data_plane_for(self._remote)
-        if data_plane is not None and data_plane.available:
+        if data_plane is not None and data_plane.ready:
             header = header_message(
                 prepared,
                 sender_id=identity.node_id,
@@ -334,19 +342,25 @@ class PeerClient:
                 ) from None
             except DataPlaneTimeout as error:
                 raise PeerUnavailable(f"push to {self._address} failed: {error}", timed_out=True) from None
-            except DataPlaneError as error:
-                # Once per outage: a blocked port would otherwise log at every retry.
-                (_log.debug if self._data_plane_failing else _log.info)(
-                    "data plane failed; pushing over gRPC", peer=self._address, error=str(error)
-                )
-                self._data_plane_failing = True
+            except DataPlaneError:
+                pass  # sent over gRPC below; logged once below
             else:
                 if self._data_plane_failing:
                     _log.info("data plane works again", peer=self._address)
                     self._data_plane_failing = False
                 self._bytes_sent += 12 + len(header) + prepared.payload.nbytes
                 self.data_plane_pushes += 1
+                if self.data_plane_pushes == 1:
+                    _log.info("pushing over the data plane", peer=self._address, data_port=data_plane.port)
                 return ack
+        if data_plane is not None:
+            data_plane.connect_soon()  # in the background: this push goes over gRPC meanwhile
+            if data_plane.last_error and not self._data_plane_failing:
+                # Once per outage: a blocked port would otherwise log at every retry.
+                _log.info(
+                    "data plane failed; pushing over gRPC", peer=self._address, error=data_plane.last_error
+                )
+                self._data_plane_failing = True
         if not streamed:
             # A second push to this peer while one is in flight does not queue behind it.
             return await self._push_unary(first, deadline)

@@ -25,8 +25,9 @@ Security: plaintext only, so an agent with TLS credentials refuses ``--data-port
 It trusts the header's sender as plaintext gRPC does, and reads pushes only from senders that completed
 a gRPC handshake (run id, configuration, schema). TLS through asyncio's SSL layer moved 0.24–0.54× of
 the plaintext bytes on loopback, slower than gRPC's own TLS (docs/transport.md), so it is not offered.
-The data plane is off unless the operator gives ``--data-port``. A client whose connection fails
-pushes over gRPC instead, and tries the data plane again after ``RETRY_AFTER_S``.
+The data plane is off unless the operator gives ``--data-port``. A client connects in the background
+and pushes over gRPC until connected; a client whose connection fails pushes over gRPC and tries the
+data plane again after ``RETRY_AFTER_S`` (doubling while failures repeat).
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ _PUSH_PREFIX: Final = struct.Struct("<IQ")
 _RESPONSE: Final = struct.Struct("<BI")
 # A connection that carries no push for this long is closed (the client reconnects on its next push).
 IDLE_TIMEOUT_S: Final = 300.0
-# After a failed connection the client pushes over gRPC for this long before it dials again.
+# After a failed connection the client pushes over gRPC for this long before it dials again; the wait
+# doubles while failures repeat, up to MAX_RETRY_AFTER_S.
 RETRY_AFTER_S: Final = 10.0
+MAX_RETRY_AFTER_S: Final = 300.0
+# A connection not made within this long counts as failed (a port that drops packets: a firewall).
+CONNECT_TIMEOUT_S: Final = 5.0
 # Bytes a transport may hand over while no read waits (reading is paused then; a safety bound).
 _MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
@@ -100,6 +105,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pending = bytearray()  # bytes handed over with no read waiting
         self._scratch = memoryview(bytearray(64 * 1024))
         self.closed = False
+        self.last_read = 0  # bytes the last read_into placed, also when it was cancelled midway
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -139,6 +145,7 @@ class _Connection(asyncio.BufferedProtocol):
         if taken:
             view[:taken] = self._pending[:taken]
             del self._pending[:taken]
+        self.last_read = taken
         if taken == len(view):
             return
         if self.closed or self.transport is None:
@@ -149,6 +156,7 @@ class _Connection(asyncio.BufferedProtocol):
         try:
             await self._waiter
         finally:
+            self.last_read = self._filled
             self._target, self._waiter = None, None
             if not self.closed:
                 self.transport.pause_reading()
@@ -176,6 +184,7 @@ class PushPayload:
         self._connection = connection
         self._header_chunk: RawChunk | None = header_chunk
         self._payload_bytes = payload_bytes
+        self._consumed = 0  # payload bytes taken off the connection, a chunk cut off midway included
         self.assembler: VectorAssembler | None = None
 
     def bind(self, assembler: VectorAssembler) -> None:
@@ -199,13 +208,16 @@ class PushPayload:
         slot = self.assembler.slot()
         if not len(slot):
             raise StopAsyncIteration
-        await self._connection.read_into(slot)
+        try:
+            await self._connection.read_into(slot)
+        finally:
+            # A push aborted while this chunk arrived (stale, stall) took part of it off the connection.
+            self._consumed += self._connection.last_read
         return PayloadInPlace(len(slot))
 
     def unread_bytes(self) -> int:
         """Payload bytes of this push still on the connection (all of them if it was refused early)."""
-        received = self.assembler.received_bytes if self.assembler is not None else 0
-        return self._payload_bytes - received
+        return self._payload_bytes - self._consumed
 
 
 class DataPlaneServer:
@@ -228,6 +240,7 @@ class DataPlaneServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections_accepted = 0  # served (the preamble not yet checked)
         self.connections_refused = 0  # closed at once: max_connections were open
+        self._refusal_logged_at = -60.0
 
     @property
     def port(self) -> int:
@@ -257,6 +270,15 @@ class DataPlaneServer:
     def _opened(self, connection: _Connection) -> None:
         if len(self._tasks) >= self._max_connections:
             self.connections_refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged_at >= 60.0:
+                self._refusal_logged_at = now
+                _log.warning(
+                    "data_plane_connections_exhausted",
+                    open=len(self._tasks),
+                    refused_so_far=self.connections_refused,
+                    hint="peers refused here push over gRPC",
+                )
             connection.close()
             return
         self.connections_accepted += 1
@@ -388,55 +410,107 @@ class _PlainConnection:
 
 
 class DataPlaneClient:
-    """Pushes to one peer's data plane over one connection, one push at a time."""
+    """Pushes to one peer's data plane over one connection, one push at a time.
+
+    The connection is made in the background (``ready`` is False meanwhile, and the caller pushes over
+    gRPC), so a port that drops packets (a firewall) never holds a push up. A failure makes the client
+    wait ``RETRY_AFTER_S`` before it dials again, doubling while failures repeat (up to
+    ``MAX_RETRY_AFTER_S``)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host.strip("[]"), port
         self._connection: _PlainConnection | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._failed_at: float | None = None
+        self._inflight: asyncio.Future[pb.PushAck] | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error = ""
 
     @property
-    def available(self) -> bool:
-        """False for ``RETRY_AFTER_S`` after a failure, and while a push is in flight."""
-        if self._lock.locked():
-            return False
-        return self._failed_at is None or time.monotonic() - self._failed_at >= RETRY_AFTER_S
+    def ready(self) -> bool:
+        """Connected, and no push in flight: the next push can go over the data plane."""
+        return self._connection is not None and not self._lock.locked()
+
+    def connect_soon(self) -> None:
+        """Start connecting in the background unless connected, connecting, or waiting to retry."""
+        if self._connection is not None or self._connecting is not None or time.monotonic() < self._retry_at:
+            return
+        self._connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            self._connection = await asyncio.wait_for(
+                _PlainConnection.open(self.host, self.port), CONNECT_TIMEOUT_S
+            )
+        except TimeoutError:
+            self._failed(TimeoutError(f"no connection within {CONNECT_TIMEOUT_S:g} s"))
+        except OSError as error:
+            self._failed(error)
+        finally:
+            self._connecting = None
+
+    def _failed(self, error: BaseException) -> None:
+        self._failures += 1
+        delay = min(MAX_RETRY_AFTER_S, RETRY_AFTER_S * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        self.last_error = str(error) or type(error).__name__
 
     async def close(self) -> None:
+        """Close the connection; a push in flight ends at once (CancelledError in its caller, which is
+        not itself cancelled: as a gRPC call on a closed channel)."""
+        if self._inflight is not None and not self._inflight.done():
+            self._inflight.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
 
     async def push(self, header: bytes, payload: memoryview, timeout: float) -> pb.PushAck:
-        """Send one push (``header``: ``frames.header_message``; ``payload``: the prepared bytes) and
-        return the receiver's PushAck. Raises DataPlaneTimeout past ``timeout`` seconds, DataPlaneError
-        when the connection failed (send the push over gRPC instead), and DataPlaneRefusal for what
-        PushVector would have ended the call with (a cap reached, a stall)."""
+        """Send one push (``header``: ``frames.header_message``; ``payload``: the prepared bytes) over the
+        connection (``ready`` must be True) and return the receiver's PushAck. Raises DataPlaneTimeout
+        past ``timeout`` seconds, DataPlaneError when the connection failed (send the push over gRPC
+        instead), and DataPlaneRefusal for what PushVector would have ended the call with (a cap
+        reached, a stall)."""
         async with self._lock:
+            connection = self._connection
+            if connection is None:
+                raise DataPlaneError(f"data plane {self.host}:{self.port}: not connected")
+            self._inflight = asyncio.ensure_future(self._push(connection, header, payload))
             try:
-                return await asyncio.wait_for(self._push(header, payload), timeout)
+                ack = await asyncio.wait_for(self._inflight, timeout)
             except DataPlaneRefusal:
-                await self.close()
+                await self._drop()
                 raise
             except TimeoutError:
-                await self.close()  # cut off mid-push: the connection is out of step
+                await self._drop(TimeoutError(f"no answer within {timeout:g} s"))
                 raise DataPlaneTimeout(
                     f"data plane {self.host}:{self.port}: no answer within {timeout:g} s"
                 ) from None
             except (OSError, asyncio.IncompleteReadError, ValueError) as error:
-                await self.close()
-                self._failed_at = time.monotonic()
-                what = str(error) or type(error).__name__
-                raise DataPlaneError(f"data plane {self.host}:{self.port}: {what}") from None
+                await self._drop(error)
+                raise DataPlaneError(f"data plane {self.host}:{self.port}: {self.last_error}") from None
             except asyncio.CancelledError:
-                await self.close()  # a push cut off mid-payload leaves the connection out of step
+                await self._drop()  # a push cut off mid-payload leaves the connection out of step
                 raise
+            finally:
+                self._inflight = None
+            self._failures, self.last_error = 0, ""
+            return ack
 
-    async def _push(self, header: bytes, payload: memoryview) -> pb.PushAck:
-        if self._connection is None:
-            self._connection = await _PlainConnection.open(self.host, self.port)
-        connection = self._connection
+    async def _drop(self, error: BaseException | None = None) -> None:
+        """Close the connection after a failed push; ``error``: a failure that makes us wait to retry."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+        if error is not None:
+            self._failed(error)
+        else:
+            self.last_error = ""
+
+    @staticmethod
+    async def _push(connection: _PlainConnection, header: bytes, payload: memoryview) -> pb.PushAck:
         await connection.send(_PUSH_PREFIX.pack(len(header), payload.nbytes) + header, payload)
         kind, length = _RESPONSE.unpack(await connection.receive(_RESPONSE.size))
         if length > MAX_HEADER_MESSAGE_BYTES:
