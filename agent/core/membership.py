@@ -241,8 +241,8 @@ def entry_source(self_id: str, chosen: str, peers: Sequence[PeerPosition]) -> st
     A node that is not training serves no state past the iteration it stopped at, so waiting on it
     would wait for ever. That is what two out-of-step nodes that chose each other at the same boundary
     (each read that the other's view outranked its own) used to do: each re-enters through a member that
-    trains instead, and when none does, ``entry_plan`` decides again (founding with the peers at the
-    highest iteration).
+    trains instead. When none does, the node waits for as many peers as at start, and ``entry_plan``
+    decides again (founding with the peers at the highest iteration, never alone from scratch).
     """
     training = [p for p in peers if p.training and p.members and p.node_id != self_id]
     if any(p.node_id == chosen for p in training):
