@@ -97,3 +97,24 @@ def test_float32_auto_reports_its_choice_on_the_metrics_endpoint(tmp_path: Path)
         for process in processes:
             process.send_signal(signal.SIGTERM)
         assert wait_all(processes, timeout=20) == [0, 0]
+
+
+def test_pushes_over_the_data_plane_are_counted_per_peer(tmp_path: Path) -> None:
+    """Two agents with --data-port: the pushes each peer's data plane carried, beside the bytes sent."""
+    processes, _ = start_agents(tmp_path, 2, [*FLAGS, "--min-peers", "1", "--data-port", "0"])
+    log = tmp_path / "node-0" / "agent.log"
+    try:
+        announced = wait_for_event(log, lambda e: e.get("event") == "metrics", 60)
+        assert announced is not None
+        assert wait_for_event(log, lambda e: e.get("event") == "pushing over the data plane", 90)
+        serving = wait_for_event(log, lambda e: e.get("event", "").startswith("run finished; serving"), 90)
+        assert serving is not None
+        samples = scrape(announced["url"])
+        (labels, pushes), *others = samples["dpgan_data_plane_pushes_total"]
+        assert not others and labels["node"] == "node-0" and labels["peer"] == "node-1"
+        assert 30 <= pushes <= 40  # the first push may go over gRPC while the data plane connects
+        assert value(samples, "dpgan_sent_bytes_total", node="node-0", peer="node-1") > 0
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        assert wait_all(processes, timeout=20) == [0, 0]

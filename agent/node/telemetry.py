@@ -17,6 +17,7 @@ every series. Series (units in the name, as Prometheus recommends):
 | dpgan_iterations_alone_total | counter | iterations trained with no neighbour |
 | dpgan_compute_seconds_total / dpgan_round_wait_seconds_total | counter | local steps / gossip rounds |
 | dpgan_sent_bytes_total{peer} / dpgan_received_bytes_total{peer} | counter | gossip bytes per peer |
+| dpgan_data_plane_pushes_total{peer} | counter | pushes sent over the peer's data plane (`--data-port`) |
 | dpgan_reference_bytes | gauge | float32-delta's reference vectors held (as sender and receiver) |
 | dpgan_wire_coding | gauge (0/1) | `wire_dtype: float32-auto` only: 1 while vectors are coded |
 | dpgan_push_rate_bytes_per_second | gauge | `float32-auto` only: the push rate it decides on |
@@ -106,6 +107,14 @@ class AgentCollector(Collector):
         for peer, client in dict(agent.registry.clients).items():
             sent.add_metric([*values, peer], client.bytes_sent)
         yield sent
+        data_plane = CounterMetricFamily(
+            "dpgan_data_plane_pushes",
+            "pushes a peer's data plane carried (--data-port)",
+            labels=[*names, "peer"],
+        )
+        for peer, client in dict(agent.registry.clients).items():
+            data_plane.add_metric([*values, peer], client.data_plane_pushes)
+        yield data_plane
         received = CounterMetricFamily(
             "dpgan_received_bytes", "gossip bytes received, per peer", labels=[*names, "peer"]
         )
