@@ -304,7 +304,9 @@ class LogFollower:
             except ValueError:
                 continue  # tracebacks and other non-JSON output
             if isinstance(event, dict) and event.get("event") in ANOMALY_EVENTS:
-                self.anomalies[event["event"]] = self.anomalies.get(event["event"], 0) + 1
+                # "round mixed without neighbours" lines stand for `rounds` rounds (agent/node/gossip.py).
+                count = int(event.get("rounds", 1))
+                self.anomalies[event["event"]] = self.anomalies.get(event["event"], 0) + count
             if isinstance(event, dict) and event.get("event") == "iteration":
                 self.records.append(
                     IterationRecord(

@@ -8,6 +8,7 @@ controller (``agent.node.views``); this module only moves vectors and reports wh
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,10 @@ WAIT_SLICE_SECONDS = 0.1
 # How long a neighbour that missed a deadline has to answer a status probe (a live agent's event loop
 # answers in milliseconds; a frozen or cut-off one never does).
 PROBE_SECONDS = 0.5
+# "round mixed without neighbours" is logged when the neighbours missing change, else at most this often,
+# with the number of such rounds since the previous line (``rounds``): views that disagree for a minute
+# logged thousands of lines, one per round.
+MIXED_WITHOUT_LOG_SECONDS = 10.0
 
 
 @dataclass
@@ -92,6 +97,8 @@ class GossipRounds:
         self.deadline_seconds = deadline_seconds
         self.stop_event = stop_event
         self.log = log
+        self._mixed_without: tuple[tuple[str, ...], float] | None = None  # last line: (missing, when)
+        self._mixed_without_rounds = 0  # rounds mixed without a neighbour since that line
         self.edges = EdgeGossip(settings.compression) if settings.compression is not None else None
         # Exact gossip: the wire of each neighbour (float32-delta codes per edge). wire_dtype float32-auto:
         # per vector, float32 or float32-delta, whichever is faster here (compressed gossip sends its own
@@ -173,6 +180,24 @@ class GossipRounds:
             waited += min(loop.time() - began, step)
             arrived |= got
             pending -= got.keys()
+
+    def _note_mixed_without(self, missing: tuple[str, ...], iteration: int, round_: int) -> None:
+        """Log a round mixed without some neighbours: at once when the missing ones change, else at most
+        every MIXED_WITHOUT_LOG_SECONDS (``rounds``: such rounds since the previous line, this one
+        included)."""
+        now = time.monotonic()
+        self._mixed_without_rounds += 1
+        last = self._mixed_without
+        if last is not None and last[0] == missing and now - last[1] < MIXED_WITHOUT_LOG_SECONDS:
+            return
+        self.log.info(
+            "round mixed without neighbours",
+            iteration=iteration,
+            round=round_,
+            missing=list(missing),
+            rounds=self._mixed_without_rounds,
+        )
+        self._mixed_without, self._mixed_without_rounds = (missing, now), 0
 
     async def round(
         self, x: torch.Tensor, iteration: int, round_: int, traffic: Traffic
@@ -300,9 +325,7 @@ class GossipRounds:
         traffic.participants.update(view.node_id(j) for j, _ in row if j != views.index)
         left_out = sorted(n for n in reachable if view.index(n) in missing or view.index(n) in other_view)
         if left_out:
-            self.log.info(
-                "round mixed without neighbours", iteration=iteration, round=round_, missing=left_out
-            )
+            self._note_mixed_without(tuple(left_out), iteration, round_)
         if edges is not None:
             present = {j for j, _ in row}
             mixable = {n: m for n, m in messages.items() if view.index(n) in present}
