@@ -57,8 +57,11 @@ STALL_DROP_BOUND_S = 2 * ROUND_TIMEOUT_S  # a stalled push is dropped within 2 x
 # Stalled streams: RSS growth over three waves (payloads 38.5 MiB a wave; the caps admit 4 at a time) and
 # what each wave after the first adds, on average, to the settled RSS (median of 9 readings): memory is
 # bounded however many stalled streams are opened. A wave's payloads kept would add 38.5 MiB; measured
-# 0-3 MiB per wave with the agent's two malloc arenas (4.9-7.4 with glibc's default arenas).
-WAVES = 3
+# 0-3 MiB per wave with the agent's two malloc arenas (4.9-7.4 with glibc's default arenas). On
+# 2026-11-30 a single wave sometimes added 12-14 MiB and the next ~2, so that over 3 waves the average
+# was 3.6-8.8 MiB (6 runs, the code at the start of that stop and its final code alike; one run over the
+# 8 MiB bound): 4 waves average such a jump over 3.
+WAVES = 4
 PINNED_BOUND_KIB = 48 * 1024
 WAVE_GROWTH_BOUND_KIB = 8 * 1024
 BIT_FOR_BIT_TOLERANCE = 1e-6  # as tests/test_agent_cluster.py compares agents with the simulator
