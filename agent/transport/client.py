@@ -313,27 +313,16 @@ class PeerClient:
         if streamed:
             chunk_bytes = _stream_chunk_bytes(prepared.payload_bytes, chunk_bytes)
 
+        position = {"iteration": iteration, "round": round}
+        position["epoch"] = identity.membership_epoch if epoch is None else epoch
+
         def frames() -> Iterator[bytes]:
-            return iter_frames(
-                prepared,
-                sender_id=identity.node_id,
-                iteration=iteration,
-                round=round,
-                epoch=identity.membership_epoch if epoch is None else epoch,
-                chunk_bytes=chunk_bytes,
-            )
+            return iter_frames(prepared, sender_id=identity.node_id, chunk_bytes=chunk_bytes, **position)
 
         first = frames()  # validates the arguments before anything is sent
         data_plane = await self._data_plane_for(self._remote)
         if data_plane is not None and data_plane.ready:
-            header = header_message(
-                prepared,
-                sender_id=identity.node_id,
-                iteration=iteration,
-                round=round,
-                epoch=identity.membership_epoch if epoch is None else epoch,
-                chunk_bytes=chunk_bytes,
-            )
+            header = header_message(prepared, sender_id=identity.node_id, chunk_bytes=chunk_bytes, **position)
             try:
                 ack = await data_plane.push(header, prepared.payload, deadline)
             except DataPlaneRefusal as error:
